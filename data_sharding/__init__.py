@@ -1,0 +1,1 @@
+"""Converters from source datasets (Tahoe-100M parquet, h5ad) into the PerturbDiff cell store."""

@@ -1,0 +1,151 @@
+"""Conversion driver: plan the parts of a source, convert them in parallel (resumably), merge.
+
+    perturbdiff shard --config configs/data/tahoe100m.yaml shard.inputs=[data/] shard.out=tahoe.zarr
+
+Work happens in ``<out>.work/``: every part is written under a temporary name and renamed when
+complete, so a killed run picks up where it stopped; the merge writes ``<out>.tmp`` and renames it
+to ``<out>`` last. The result is identical whether or not the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from perturbdiff.config import ShardConfig
+from perturbdiff.data.schema import MANIFEST_FILE, DataError
+
+from .parts import write_part
+from .writer import file_sha256, merge_parts
+
+
+@dataclass
+class Plan:
+    """What a source module tells the driver."""
+
+    source: str  # "tahoe" | "h5ad"
+    files: list[Path]
+    tasks: list[dict[str, Any]]  # one per part; each has "file" and "hash" (hash the file in this task)
+    gene_ids: np.ndarray
+    gene_symbols: np.ndarray
+    value_kind: str
+    shared: dict[str, Any] = field(default_factory=dict)  # passed to every task
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
+
+
+def _source_module(name: str):
+    if name == "tahoe":
+        from . import tahoe
+        return tahoe
+    if name == "h5ad":
+        from . import h5ad
+        return h5ad
+    raise DataError(None, f"unknown shard.source {name!r}: use 'tahoe' or 'h5ad'")
+
+
+def _run_task(args: tuple) -> dict:
+    source, task, shared, part_dir, num_genes, value_kind = args
+    module = _source_module(source)
+    part = module.convert_task(task, shared)
+    if task.get("hash"):
+        part.source["sha256"] = file_sha256(Path(task["file"]))
+    meta = write_part(Path(part_dir), part, num_genes, value_kind)
+    return {"part": str(part_dir), "n": meta["n"], "source": meta["source"]}
+
+
+def _log_part(log: Callable[[str], None], done: int, total: int, res: dict) -> None:
+    log(f"  part {done}/{total}: {res['n']:,} cells from {Path(res['source']['file']).name}")
+
+
+def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    """Convert ``cfg.inputs`` into the store ``cfg.out``; returns the manifest."""
+    if not cfg.out:
+        raise DataError(None, "shard.out (the store path) is not set")
+    out = Path(cfg.out)
+    if (out / MANIFEST_FILE).is_file() and not overwrite:
+        log(f"{out} is already a complete store; nothing to do (pass --overwrite to rebuild)")
+        return json.loads((out / MANIFEST_FILE).read_text())
+    module = _source_module(cfg.source)
+    t0 = time.time()
+    plan: Plan = module.plan(cfg)
+    work = out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    # a plan fingerprint guards against resuming with different inputs or settings
+    fingerprint = json.dumps({"tasks": plan.tasks, "value_kind": plan.value_kind,
+                              "genes": len(plan.gene_ids)}, sort_keys=True, default=str)
+    fp_file = work / "plan.json"
+    if fp_file.is_file() and fp_file.read_text() != fingerprint:
+        log(f"inputs or settings changed since the interrupted run; discarding {work}")
+        shutil.rmtree(work)
+        work.mkdir(parents=True)
+    fp_file.write_text(fingerprint)
+
+    part_dirs = [work / f"part-{i:06d}" for i in range(len(plan.tasks))]
+    todo = [i for i, p in enumerate(part_dirs) if not (p / "meta.json").is_file()]
+    log(f"{cfg.source}: {len(plan.files)} file(s), {len(plan.tasks)} part(s), "
+        f"{len(plan.tasks) - len(todo)} already done; {len(plan.gene_ids):,} genes ({plan.value_kind})")
+    args = [(cfg.source, plan.tasks[i], plan.shared, str(part_dirs[i]), len(plan.gene_ids), plan.value_kind)
+            for i in todo]
+    done = 0
+    if args:
+        workers = max(1, min(cfg.num_workers, len(args)))
+        if workers == 1:
+            for res in map(_run_task, args):
+                done += 1
+                _log_part(log, done, len(args), res)
+        else:
+            # A worker that dies (OOM, kill) raises BrokenProcessPool here instead of hanging.
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_run_task, a) for a in args]
+                try:
+                    for fut in as_completed(futures):
+                        done += 1
+                        _log_part(log, done, len(args), fut.result())
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+    t1 = time.time()
+
+    hashes: dict[str, str] = {}
+    rows: dict[str, int] = {}
+    for p in part_dirs:
+        src = json.loads((p / "meta.json").read_text())["source"]
+        rows[src["file"]] = rows.get(src["file"], 0) + json.loads((p / "meta.json").read_text())["n"]
+        if "sha256" in src:
+            hashes[src["file"]] = src["sha256"]
+    sources = [{"path": f.name, "sha256": hashes.get(str(f)), "bytes": f.stat().st_size,
+                "cells": rows.get(str(f), 0)} for f in plan.files]
+    extra = dict(plan.extra)
+    extra["timings"] = {"parts_seconds": round(t1 - t0, 3)}
+    manifest = merge_parts(part_dirs, out, gene_ids=plan.gene_ids, gene_symbols=plan.gene_symbols,
+                           cfg=cfg, sources=sources, value_kind=plan.value_kind, extra=extra, log=log)
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"conversion done in {time.time() - t0:.1f}s")
+    return manifest
+
+
+def check_values(path: Path, data: np.ndarray, indptr: np.ndarray, row0: int, require_integer: bool) -> None:
+    """Counts must be finite, non-negative and (for counts) integers; name the first bad row."""
+    bad = ~np.isfinite(data)
+    what = "NaN or infinite"
+    if not bad.any():
+        bad = data < 0
+        what = "negative"
+    if not bad.any() and require_integer:
+        bad = data != np.round(data)
+        what = "non-integer"
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(indptr, pos, side="right") - 1) + row0
+        raise DataError(path, f"{what} value {data[pos]!r} in cell row {row}; raw counts are expected "
+                        "(finite, non-negative integers)")

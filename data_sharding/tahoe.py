@@ -1,0 +1,219 @@
+"""Tahoe-100M parquet release -> store.
+
+Quirks handled (see perturbdiff/data/schema.py and ../shared/reference/data.md):
+- every row starts with a marker entry (gene token 1, value -2): checked and dropped;
+- gene token ids map to genes through ``gene_metadata.token_id``, never by offset arithmetic;
+- the dose is not in the expression rows: ``sample`` joins ``sample_metadata.drugname_drugconc``,
+  so a perturbation is the (drug, dose) label, e.g. ``[('Dinaciclib', 0.5, 'uM')]``.
+Groups: context = cell_line_id, batch = plate, perturbation = drugname_drugconc.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from perturbdiff.config import ShardConfig
+from perturbdiff.data.schema import (
+    GENE_METADATA_COLUMNS, GENE_METADATA_FILE, SAMPLE_METADATA_FILE, TAHOE_COLUMNS, TAHOE_MARKER_TOKEN,
+    TAHOE_MARKER_VALUE, VALUES_COUNTS, DataError, parse_drugconc,
+)
+
+from .convert import Plan, check_values
+from .parts import PartData
+
+READ_COLUMNS = ["genes", "expressions", "drug", "sample", "BARCODE_SUB_LIB_ID", "cell_line_id", "plate",
+                "moa-fine"]
+
+
+def _data_files(inputs: list[str]) -> tuple[list[Path], Path | None]:
+    files: list[Path] = []
+    meta_guess = None
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            sub = p / "data" if (p / "data").is_dir() else p
+            found = sorted(sub.glob("*.parquet"))
+            if not found:
+                raise DataError(p, "no *.parquet files found")
+            files.extend(found)
+            for cand in (p / "metadata", sub.parent / "metadata"):
+                if meta_guess is None and cand.is_dir():
+                    meta_guess = cand
+        elif p.is_file():
+            files.append(p)
+            if meta_guess is None and (p.parent.parent / "metadata").is_dir():
+                meta_guess = p.parent.parent / "metadata"
+        else:
+            raise DataError(p, "input does not exist")
+    if not files:
+        raise DataError(None, "shard.inputs lists no parquet files")
+    return files, meta_guess
+
+
+def _read_table(path: Path, required: tuple[str, ...]) -> pa.Table:
+    if not path.is_file():
+        raise DataError(path, "metadata file not found (set shard.metadata_dir)")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(path, f"cannot read parquet (empty or truncated?): {err}") from None
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(path, f"missing column(s) {missing}; found {table.column_names}")
+    return table
+
+
+def plan(cfg: ShardConfig) -> Plan:
+    files, meta_guess = _data_files(cfg.inputs)
+    meta_dir = Path(cfg.metadata_dir) if cfg.metadata_dir else meta_guess
+    if meta_dir is None:
+        raise DataError(None, "cannot find the Tahoe metadata directory; set shard.metadata_dir")
+
+    genes = _read_table(meta_dir / GENE_METADATA_FILE, GENE_METADATA_COLUMNS)
+    token_ids = genes.column("token_id").to_numpy().astype(np.int64)
+    if len(np.unique(token_ids)) != len(token_ids):
+        raise DataError(meta_dir / GENE_METADATA_FILE, "duplicate token_id values")
+    if token_ids.min() < 0:
+        raise DataError(meta_dir / GENE_METADATA_FILE, "negative token_id values")
+    lookup = np.full(int(token_ids.max()) + 1, -1, dtype=np.int32)
+    lookup[token_ids] = np.arange(len(token_ids), dtype=np.int32)
+
+    samples = _read_table(meta_dir / SAMPLE_METADATA_FILE, ("sample", "drugname_drugconc"))
+    sample_label, sample_dose, controls = {}, {}, set()
+    for s, label in zip(samples.column("sample").to_pylist(), samples.column("drugname_drugconc").to_pylist()):
+        try:
+            parsed = parse_drugconc(label)
+        except ValueError as err:
+            raise DataError(meta_dir / SAMPLE_METADATA_FILE, f"sample {s!r}: {err}") from None
+        sample_label[s] = label
+        sample_dose[s] = sum(c for _, c, _ in parsed)
+        if all(name == cfg.control_drug for name, _, _ in parsed):
+            controls.add(label)
+    if not controls:
+        raise DataError(meta_dir / SAMPLE_METADATA_FILE,
+                        f"no sample has the control drug {cfg.control_drug!r} (shard.control_drug)")
+
+    tasks = []
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f, f"cannot read parquet (empty or truncated?): {err}") from None
+        names = pf.schema_arrow.names
+        missing = [c for c in TAHOE_COLUMNS if c not in names]
+        if missing:
+            raise DataError(f, f"missing column(s) {missing}; expected the Tahoe-100M schema {list(TAHOE_COLUMNS)}")
+        md = pf.metadata
+        if md.num_rows == 0:
+            raise DataError(f, "contains no cells")
+        rg, first = 0, True
+        while rg < md.num_row_groups:
+            stop, n = rg, 0
+            while stop < md.num_row_groups and (n == 0 or n + md.row_group(stop).num_rows <= cfg.cells_per_part):
+                n += md.row_group(stop).num_rows
+                stop += 1
+            tasks.append({"file": str(f), "row_groups": [rg, stop], "hash": first})
+            rg, first = stop, False
+
+    return Plan(
+        source="tahoe", files=files, tasks=tasks,
+        gene_ids=genes.column("ensembl_id").to_numpy(zero_copy_only=False).astype(str),
+        gene_symbols=genes.column("gene_symbol").to_numpy(zero_copy_only=False).astype(str),
+        value_kind=VALUES_COUNTS,
+        shared={"lookup": lookup, "sample_label": sample_label, "sample_dose": sample_dose,
+                "metadata": str(meta_dir)},
+        extra={"control_perturbations": sorted(controls), "gene_id_kind": "ensembl",
+               "source_format": "tahoe-100m-parquet",
+               "columns": {"context": "cell_line_id", "batch": "plate", "perturbation": "drugname_drugconc"}},
+    )
+
+
+def _flatten(col: pa.ChunkedArray, path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    arr = col.combine_chunks()
+    if arr.null_count:
+        raise DataError(path, f"column {name!r} has {arr.null_count} null rows")
+    lengths = pc.list_value_length(arr).to_numpy().astype(np.int64)
+    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
+    return lengths, values
+
+
+def convert_task(task: dict, shared: dict) -> PartData:
+    path = Path(task["file"])
+    rg0, rg1 = task["row_groups"]
+    try:
+        pf = pq.ParquetFile(path)
+        table = pf.read_row_groups(list(range(rg0, rg1)), columns=READ_COLUMNS)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(path, f"cannot read row groups {rg0}..{rg1 - 1} (truncated file?): {err}") from None
+    row0 = sum(pf.metadata.row_group(i).num_rows for i in range(rg0))
+    g_len, tokens = _flatten(table.column("genes"), path, "genes")
+    e_len, values = _flatten(table.column("expressions"), path, "expressions")
+    if not np.array_equal(g_len, e_len):
+        r = int(np.flatnonzero(g_len != e_len)[0])
+        raise DataError(path, f"row {row0 + r}: genes and expressions have different lengths")
+    n = len(g_len)
+    starts = np.concatenate([[0], np.cumsum(g_len)[:-1]]).astype(np.int64)
+    if (g_len == 0).any():
+        r = int(np.flatnonzero(g_len == 0)[0])
+        raise DataError(path, f"row {row0 + r} is empty: expected the marker entry (token 1, value -2) first")
+    marker_ok = (tokens[starts] == TAHOE_MARKER_TOKEN) & (values[starts] == TAHOE_MARKER_VALUE)
+    if not marker_ok.all():
+        r = int(np.flatnonzero(~marker_ok)[0])
+        raise DataError(path, f"row {row0 + r} does not start with the marker entry (token "
+                        f"{TAHOE_MARKER_TOKEN}, value {TAHOE_MARKER_VALUE}): got ({tokens[starts[r]]}, "
+                        f"{values[starts[r]]})")
+    keep = np.ones(len(tokens), dtype=bool)
+    keep[starts] = False
+    tokens, values = tokens[keep].astype(np.int64), values[keep].astype(np.float32)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(g_len - 1, out=indptr[1:])
+
+    lookup = shared["lookup"]
+    bad = (tokens < 0) | (tokens >= len(lookup))
+    idx = np.where(bad, -1, lookup[np.clip(tokens, 0, len(lookup) - 1)])
+    if (idx < 0).any():
+        pos = int(np.flatnonzero(idx < 0)[0])
+        r = int(np.searchsorted(indptr, pos, side="right") - 1)
+        raise DataError(path, f"gene token id {tokens[pos]} in row {row0 + r} is not in "
+                        f"{GENE_METADATA_FILE} token_id (gene vocabulary mismatch)")
+    check_values(path, values, indptr, row0, require_integer=True)
+
+    row_of = np.repeat(np.arange(n), np.diff(indptr))
+    same_row = row_of[1:] == row_of[:-1]
+    if (same_row & (idx[1:] <= idx[:-1])).any():
+        order = np.lexsort((idx, row_of))
+        idx, values = idx[order], values[order]
+        dup = same_row & (idx[1:] == idx[:-1])
+        if dup.any():
+            r = int(row_of[1:][dup][0])
+            raise DataError(path, f"row {row0 + r} lists the same gene twice")
+
+    samples = table.column("sample").to_numpy(zero_copy_only=False).astype(str)
+    labels = shared["sample_label"]
+    unknown = sorted({s for s in np.unique(samples) if s not in labels})
+    if unknown:
+        raise DataError(path, f"sample(s) {unknown[:5]} not found in {SAMPLE_METADATA_FILE} "
+                        f"({shared['metadata']}); cannot join the dose")
+    uniq, inv = np.unique(samples, return_inverse=True)
+    pert = np.array([labels[s] for s in uniq], dtype=object)[inv].astype(str)
+    dose = np.array([shared["sample_dose"][s] for s in uniq], dtype=np.float64)[inv]
+
+    def col(name: str) -> np.ndarray:
+        c = table.column(name)
+        if c.null_count:
+            raise DataError(path, f"column {name!r} has {c.null_count} null values")
+        return c.to_numpy(zero_copy_only=False).astype(str)
+
+    return PartData(
+        indptr=indptr, indices=idx.astype(np.int32), data=values,
+        groups={"context": col("cell_line_id"), "batch": col("plate"), "perturbation": pert},
+        cell_id=col("BARCODE_SUB_LIB_ID"),
+        categorical={"drug": col("drug"), "sample": samples, "moa_fine": col("moa-fine")},
+        numeric={"dose": dose},
+        source={"file": str(path), "rows": [row0, row0 + n]},
+    )

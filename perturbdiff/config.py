@@ -1,0 +1,276 @@
+"""Typed configuration: dataclass schemas, YAML presets from configs/, command-line dotlist overrides.
+
+``load_config(["configs/demo.yaml"], ["data.set_size=64"])`` merges, in order, the dataclass
+defaults, each YAML file, then the overrides, in OmegaConf struct mode, so an unknown or misspelled
+key is an error that names it. Library code receives plain dataclasses (``RunConfig``), never a
+``DictConfig``. ``save_config`` writes the resolved config next to an output.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data (the embedded default)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SynthConfig:
+    """A synthetic Tahoe-format dataset with known effects (see data_sharding/synthetic.py)."""
+
+    out_dir: Optional[str] = None  # default: <run out_dir>/source
+    num_cells: int = 20_000
+    num_genes: int = 2_000
+    num_cell_lines: int = 6
+    num_drugs: int = 12
+    doses: list[float] = field(default_factory=lambda: [0.05, 0.5, 5.0])
+    num_plates: int = 3
+    num_programs: int = 16  # gene programs (co-regulated gene modules)
+    control_wells_per_plate: int = 4  # DMSO_TF wells on every plate
+    cells_per_file: int = 5_000  # one parquet shard per this many cells
+    row_group_size: int = 1_024
+    mean_library_size: float = 2_500.0  # mean total UMI per cell
+    library_size_sigma: float = 0.35  # log-normal spread of library sizes
+    dispersion: float = 4.0  # negative-binomial inverse dispersion (theta)
+    effect_scale: float = 1.0  # drug effect size on the log scale
+    plate_shift_scale: float = 0.25  # hidden plate-level shift of program activities
+    well_shift_scale: float = 0.1  # hidden well-level shift
+    seed: int = 0
+    num_workers: int = 1
+    write_h5ad: bool = False  # also write synthetic.h5ad with the same cells
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion to the store
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HVGConfig:
+    num_top_genes: int = 2_000
+    flavor: str = "seurat_v3"  # seurat_v3 (raw-count variance after loess fit) | dispersion (seurat)
+    num_bins: int = 20  # dispersion flavor: mean bins
+
+
+@dataclass
+class ShardConfig:
+    """Conversion of a source dataset into a PerturbDiff store."""
+
+    source: str = "tahoe"  # tahoe | h5ad
+    inputs: list[str] = field(default_factory=list)  # parquet directory / files, or h5ad files
+    metadata_dir: Optional[str] = None  # tahoe: directory with gene/sample metadata (default inputs/../metadata)
+    out: Optional[str] = None  # the store directory (default: <run out_dir>/store.zarr)
+    dataset: str = "dataset"  # dataset name recorded in the manifest
+    # h5ad column mapping (tahoe uses its fixed schema)
+    perturbation_col: str = "perturbation"
+    context_col: str = "cell_type"
+    batch_col: Optional[str] = None  # None: one batch for the whole file
+    control_label: str = "control"
+    cell_id_col: Optional[str] = None  # None: obs_names
+    extra_obs: list[str] = field(default_factory=list)  # further obs columns to keep
+    gene_symbol_col: Optional[str] = None  # var column with symbols (None: var_names)
+    values: str = "auto"  # auto | counts | lognorm
+    # tahoe
+    control_drug: str = "DMSO_TF"
+    # layout
+    cells_per_part: int = 200_000  # conversion unit: bounds memory per worker
+    num_workers: int = 2
+    chunk_nnz: int = 1 << 16  # Zarr chunk of X/indices and X/data
+    shard_nnz: int = 1 << 24  # Zarr shard (file) of X/indices and X/data
+    chunk_cells: int = 1 << 16  # Zarr chunk of per-cell arrays
+    block_cells: int = 1 << 18  # cells assembled per merge step (bounds merge memory)
+    hvg: HVGConfig = field(default_factory=HVGConfig)
+    keep_work: bool = False  # keep the per-part intermediates after success
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: splits, sampling, normalisation, loader
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HoldoutRule:
+    """Groups matching every non-empty field are held out (an empty list matches anything).
+
+    PBMC protocol: batches=[Donor1, ...], perturbations=[62 cytokines]. Tahoe: contexts=[5 lines],
+    perturbations=[...]. Unseen perturbation: perturbations only. Unseen context: contexts only.
+    Held-out batch: batches only.
+    """
+
+    contexts: list[str] = field(default_factory=list)
+    batches: list[str] = field(default_factory=list)
+    perturbations: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SplitConfig:
+    test: list[HoldoutRule] = field(default_factory=list)
+    val: list[HoldoutRule] = field(default_factory=list)
+    # Also hold out this fraction of the remaining (context, perturbation) pairs at random, for val.
+    random_val_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class NormalizeConfig:
+    """On-read normalisation: x -> log1p(x / total_counts * target_sum) / scale."""
+
+    target_sum: float = 1e4
+    log1p: bool = True
+    scale: float = 10.0
+
+
+@dataclass
+class PanelConfig:
+    kind: str = "hvg"  # hvg (top num_genes of the store's ranking) | all | file
+    num_genes: int = 2_000
+    genes_file: Optional[str] = None  # kind=file: one gene id or symbol per line
+
+
+@dataclass
+class DataConfig:
+    store: Optional[str] = None  # default: shard.out
+    set_size: int = 256  # m cells per set (perturbed), and m control cells
+    sets_per_batch: int = 4
+    sampling: str = "proportional"  # proportional (every cell once per epoch) | balanced
+    sets_per_group: int = 2  # balanced: sets drawn from every group each epoch
+    # Sets (and control sets) are drawn as random runs of this many store-adjacent cells. The
+    # converter shuffles cells within each group, so a run is a random sample of its group; runs
+    # make a set a few contiguous reads instead of m scattered ones. 1 = fully independent cells.
+    run_cells: int = 16
+    include_controls: bool = False  # control groups are also targets (marginal pretraining)
+    empty_control_pool: str = "same_context"  # error | same_context | none (zero-size, masked)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    panel: PanelConfig = field(default_factory=PanelConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    num_workers: int = 0
+    drop_last: bool = True  # equal sets per rank (avoids end-of-epoch collective hangs)
+    seed: int = 0
+
+
+@dataclass
+class WdsConfig:
+    out: Optional[str] = None  # default: <run out_dir>/wds
+    split: str = "train"
+    epochs: int = 1  # sampler epochs exported
+    sets_per_shard: int = 64
+
+
+@dataclass
+class StreamConfig:
+    """The throughput check of the main job."""
+
+    num_batches: int = 50
+    split: str = "train"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/demo"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wds: WdsConfig = field(default_factory=WdsConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A bad config: unknown key, wrong type, missing value."""
+
+
+def _suggest(key: str, schema: Any) -> str:
+    parts = key.split(".")
+    node = schema
+    for part in parts[:-1]:
+        try:
+            node = node[part]
+        except Exception:  # noqa: BLE001 - just a hint
+            return ""
+    try:
+        names = list(node.keys())
+    except Exception:  # noqa: BLE001
+        return ""
+    close = difflib.get_close_matches(parts[-1], names, n=1)
+    return f" (did you mean '{'.'.join(parts[:-1] + close)}'?)" if close else ""
+
+
+def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
+                schema: type = RunConfig) -> Any:
+    """Merge dataclass defaults, YAML presets and ``key=value`` overrides; return the dataclass.
+
+    Raises:
+        ConfigError: an unknown key (named, with a suggestion), a value of the wrong type, or a
+            file that does not exist.
+    """
+    base = OmegaConf.structured(schema)
+    merged = base
+    sources: list[tuple[str, Any]] = []
+    for f in files:
+        if not Path(f).is_file():
+            raise ConfigError(f"config file not found: {f}")
+        sources.append((f, OmegaConf.load(f)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {bad}")
+    if overrides:
+        sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for where, src in sources:
+        try:
+            merged = OmegaConf.merge(merged, src)
+        except (ConfigKeyError, ConfigAttributeError) as err:
+            key = getattr(err, "full_key", None) or str(err)
+            raise ConfigError(f"{where}: unknown config key '{key}'{_suggest(str(key), base)}") from None
+        except ValidationError as err:
+            raise ConfigError(f"{where}: bad value for '{err.full_key}': {err.msg}") from None
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return merged_to_object(merged)
+
+
+def merged_to_object(merged: Any) -> Any:
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config is incomplete or invalid: {err}") from None
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config as YAML next to an output; returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+    return path
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Fill the unset output paths from ``cfg.out_dir`` (in place); returns cfg."""
+    out = Path(cfg.out_dir)
+    if cfg.synth.out_dir is None:
+        cfg.synth.out_dir = str(out / "source")
+    if cfg.shard.out is None:
+        cfg.shard.out = str(out / "store.zarr")
+    if cfg.data.store is None:
+        cfg.data.store = cfg.shard.out
+    if cfg.wds.out is None:
+        cfg.wds.out = str(out / "wds")
+    return cfg

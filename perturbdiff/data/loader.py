@@ -1,0 +1,153 @@
+"""Distributed, resumable loader of (perturbed set, matched control set, covariates) batches.
+
+Shape legend: B sets per batch, M cells per set (data.set_size), P genes in the panel.
+
+A rank's batches are fixed by (seed, epoch, rank, world): batch j holds the rank's positions
+[j*B, (j+1)*B) of the epoch's global order. DataLoader worker w produces batches j with
+(j - first) % W == w, and the DataLoader returns workers' batches round-robin, so the sequence a
+rank sees is the same for any number of workers. The loader state is (epoch, next batch).
+
+Batch (dict of tensors):
+    x          float32 [B, M, P]  perturbed cells, normalised, zero rows where masked
+    mask       bool    [B, M]     True for real cells
+    ctrl       float32 [B, M, P]  control cells from the same (context, batch) pool
+    ctrl_mask  bool    [B, M]
+    context, batch, perturbation  int64 [B]  codes into the store's categories
+    group      int64 [B]  conditions-table row;  index  int64 [B]  position in the epoch order
+    rows, ctrl_rows  int64 [B, M]  store rows (-1 where masked), for tracing and tests
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from perturbdiff.config import DataConfig
+
+from .sampler import SetSampler, SetSpec, num_batches
+from .splits import TRAIN, assign_splits, check_no_leakage
+from .store import CellStore
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _SetDataset(IterableDataset):
+    def __init__(self, loader: "SetLoader", epoch: int, first: int):
+        self.store_path = loader.store.path
+        self.sampler, self.cfg = loader.sampler, loader.cfg
+        self.panel, self.codes = loader.panel, loader.group_codes
+        self.positions = loader.positions(epoch)
+        self.epoch, self.first, self.total = epoch, first, loader.num_batches(epoch)
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        store = CellStore(self.store_path)
+        group, k = self.sampler.epoch_sets(self.epoch)
+        B = self.cfg.sets_per_batch
+        for j in range(self.first, self.total):
+            if (j - self.first) % nw != wid:
+                continue
+            pos = self.positions[j * B:(j + 1) * B]
+            sets = [self.sampler.materialize(self.epoch, int(i), group[i], k[i]) for i in pos]
+            yield collate(store, sets, self.panel, self.cfg, self.codes)
+
+
+def collate(store: CellStore, sets: list[SetSpec], panel: np.ndarray, cfg: DataConfig,
+            group_codes: np.ndarray) -> dict[str, torch.Tensor]:
+    B, M, P = len(sets), cfg.set_size, len(panel)
+    x = np.zeros((B, M, P), dtype=np.float32)
+    ctrl = np.zeros((B, M, P), dtype=np.float32)
+    rows = np.full((B, M), -1, dtype=np.int64)
+    ctrl_rows = np.full((B, M), -1, dtype=np.int64)
+    for b, s in enumerate(sets):
+        n, c = len(s.rows), len(s.ctrl_rows)
+        x[b, :n] = store.read_dense(s.rows, panel, cfg.normalize)
+        ctrl[b, :c] = store.read_dense(s.ctrl_rows, panel, cfg.normalize)
+        rows[b, :n], ctrl_rows[b, :c] = s.rows, s.ctrl_rows
+    groups = np.array([s.group for s in sets], dtype=np.int64)
+    return {
+        "x": torch.from_numpy(x), "mask": torch.from_numpy(rows >= 0),
+        "ctrl": torch.from_numpy(ctrl), "ctrl_mask": torch.from_numpy(ctrl_rows >= 0),
+        "context": torch.from_numpy(group_codes[groups, 0].copy()),
+        "batch": torch.from_numpy(group_codes[groups, 1].copy()),
+        "perturbation": torch.from_numpy(group_codes[groups, 2].copy()),
+        "group": torch.from_numpy(groups), "index": torch.tensor([s.index for s in sets], dtype=torch.int64),
+        "rows": torch.from_numpy(rows), "ctrl_rows": torch.from_numpy(ctrl_rows),
+    }
+
+
+class SetLoader:
+    """Iterate batches of one split; ``state_dict`` / ``load_state_dict`` resume exactly."""
+
+    def __init__(self, cfg: DataConfig, split: str = TRAIN, *, rank: int | None = None, world: int | None = None,
+                 eval_mode: bool | None = None, log=print):
+        if cfg.store is None:
+            raise ValueError("data.store is not set")
+        if cfg.sets_per_batch < 1:
+            raise ValueError(f"data.sets_per_batch must be >= 1, got {cfg.sets_per_batch}")
+        r, w = _dist_info()
+        self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
+        self.cfg, self.split = cfg, split
+        self.eval_mode = (split != TRAIN) if eval_mode is None else eval_mode
+        self.store = CellStore(cfg.store)
+        cond = self.store.conditions
+        self.split_labels = assign_splits(cond, cfg.split)
+        self.sampler = SetSampler(cond, self.split_labels, cfg, split, self.eval_mode, log=log)
+        if split == TRAIN:
+            check_no_leakage(cond, self.split_labels, cfg.split, self.sampler.groups)
+        self.panel = self.store.panel(cfg.panel)
+        self.group_codes = np.stack([
+            np.searchsorted(self.store.categories(c), cond[c].to_numpy().astype(str)) for c in
+            ("context", "batch", "perturbation")], axis=1).astype(np.int64)
+        self.epoch, self.next_batch = 0, 0
+
+    # ---- sizes --------------------------------------------------------------------------------
+
+    def positions(self, epoch: int) -> np.ndarray:
+        return self.sampler.rank_positions(epoch, self.rank, self.world)
+
+    def num_batches(self, epoch: int | None = None) -> int:
+        drop = self.cfg.drop_last and not self.eval_mode
+        return num_batches(len(self.positions(self.epoch if epoch is None else epoch)), self.cfg.sets_per_batch, drop)
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    @property
+    def gene_ids(self) -> np.ndarray:
+        return self.store.gene_ids[self.panel]
+
+    # ---- iteration ----------------------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.next_batch = int(epoch), 0
+
+    def __iter__(self):
+        dataset = _SetDataset(self, self.epoch, self.next_batch)
+        workers = self.cfg.num_workers
+        dl = DataLoader(dataset, batch_size=None, num_workers=workers,
+                        prefetch_factor=2 if workers else None, persistent_workers=False)
+        for batch in dl:
+            self.next_batch += 1
+            yield batch
+        if not self.eval_mode:
+            self.epoch, self.next_batch = self.epoch + 1, 0
+        else:
+            self.next_batch = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next_batch": self.next_batch, "seed": self.cfg.seed, "split": self.split,
+                "world": self.world, "rank": self.rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed") != self.cfg.seed or state.get("split") != self.split or state.get("world") != self.world:
+            raise ValueError(f"loader state is for seed={state.get('seed')}, split={state.get('split')}, "
+                             f"world={state.get('world')}; this loader has seed={self.cfg.seed}, "
+                             f"split={self.split}, world={self.world}")
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
