@@ -66,11 +66,14 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
     return time.time() - t0, peak.peak
 
 
-def synth(work: Path, cells: int, genes: int, workers: int, h5ad: bool) -> Path:
-    src = work / f"synth_{cells}_{genes}"
+def synth(work: Path, cells: int, genes: int, workers: int, h5ad: bool, args) -> Path:
+    """Tahoe-like geometry: groups of about cells / (plates * lines * wells) cells."""
+    src = work / f"synth_{cells}_{genes}_{args.lines}x{args.drugs}x{args.plates}"
     overrides = [f"synth.out_dir={src}", f"synth.num_cells={cells}", f"synth.num_genes={genes}",
-                 f"synth.num_workers={workers}", "synth.cells_per_file=100000", "synth.num_cell_lines=20",
-                 "synth.num_drugs=40", "synth.num_plates=4", f"synth.write_h5ad={str(h5ad).lower()}"]
+                 f"synth.num_workers={workers}", "synth.cells_per_file=100000",
+                 f"synth.num_cell_lines={args.lines}", f"synth.num_drugs={args.drugs}",
+                 f"synth.num_plates={args.plates}", "synth.control_wells_per_plate=6",
+                 f"synth.write_h5ad={str(h5ad).lower()}"]
     if not (src / "metadata" / "gene_metadata.parquet").is_file() or (h5ad and not (src / "synthetic.h5ad").is_file()):
         dt, peak = run_measured([sys.executable, "-m", "perturbdiff.cli", "synth", *overrides])
         print(f"synthesised {cells:,} cells in {dt:.0f}s (peak RSS {peak / 2**30:.2f} GiB)")
@@ -79,7 +82,7 @@ def synth(work: Path, cells: int, genes: int, workers: int, h5ad: bool) -> Path:
 
 def bench_shard(args) -> dict:
     work = Path(args.work)
-    src = synth(work, args.cells, args.genes, args.workers, h5ad=False)
+    src = synth(work, args.cells, args.genes, args.workers, h5ad=False, args=args)
     store = work / f"store_{args.cells}.zarr"
     overrides = [f"shard.inputs=[{src}]", f"shard.out={store}", f"shard.num_workers={args.workers}",
                  "shard.cells_per_part=100000", "shard.hvg.num_top_genes=2000"]
@@ -116,11 +119,12 @@ def bench_reads(args) -> dict:
     from perturbdiff.data.loader import SetLoader
 
     work = Path(args.work)
-    src = synth(work, args.cells, args.genes, args.workers, h5ad=True)
-    store = work / f"store_reads_{args.cells}.zarr"
+    src = synth(work, args.cells, args.genes, args.workers, h5ad=True, args=args)
+    store = work / f"store_reads_{args.cells}_{args.chunk_nnz}_{args.compressor}.zarr"
     convert(ShardConfig(source="tahoe", inputs=[str(src)], out=str(store), num_workers=args.workers,
-                        cells_per_part=100_000), log=lambda s: None)
-    cfg = DataConfig(store=str(store), set_size=256, sets_per_batch=1, num_workers=0)
+                        cells_per_part=100_000, chunk_nnz=args.chunk_nnz, compressor=args.compressor),
+            log=lambda s: None)
+    cfg = DataConfig(store=str(store), set_size=256, sets_per_batch=1, num_workers=0, run_cells=args.run_cells)
     cfg.panel.kind = "all"
     loader = SetLoader(cfg, log=lambda s: None)
     sets = loader.sampler.sets_at(0, np.arange(min(args.sets, loader.sampler.num_sets(0))))
@@ -177,7 +181,7 @@ def bench_wds(args) -> dict:
     from perturbdiff.data.wds import wds_loader
 
     work = Path(args.work)
-    store = work / f"store_reads_{args.cells}.zarr"
+    store = work / f"store_reads_{args.cells}_{args.chunk_nnz}_{args.compressor}.zarr"
     cfg = DataConfig(store=str(store), set_size=256, sets_per_batch=8)
     cfg.panel.num_genes = 2000 if args.genes >= 2000 else args.genes
     out = work / "wds"
@@ -202,6 +206,12 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=2_000)
     p.add_argument("--sets", type=int, default=200, help="reads: number of sets timed")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lines", type=int, default=10, help="synthetic cell lines")
+    p.add_argument("--drugs", type=int, default=10, help="synthetic drugs (x3 doses)")
+    p.add_argument("--plates", type=int, default=2)
+    p.add_argument("--run-cells", type=int, default=32, help="reads: data.run_cells")
+    p.add_argument("--chunk-nnz", type=int, default=1 << 15, help="reads: shard.chunk_nnz of the store")
+    p.add_argument("--compressor", default="lz4", help="reads: shard.compressor of the store")
     p.add_argument("--work", default=os.environ.get("PERTURBDIFF_BENCH_DIR", "runs/bench"))
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from perturbdiff.config import ShardConfig
-from perturbdiff.data.schema import MANIFEST_FILE, DataError
+from perturbdiff.data.schema import MANIFEST_FILE, VALUES_COUNTS, DataError
 
 from .parts import write_part
 from .writer import file_sha256, merge_parts
@@ -52,12 +52,12 @@ def _source_module(name: str):
 
 
 def _run_task(args: tuple) -> dict:
-    source, task, shared, part_dir, num_genes, value_kind = args
+    source, task, shared, part_dir, num_genes, value_kind, flavor = args
     module = _source_module(source)
     part = module.convert_task(task, shared)
     if task.get("hash"):
         part.source["sha256"] = file_sha256(Path(task["file"]))
-    meta = write_part(Path(part_dir), part, num_genes, value_kind)
+    meta = write_part(Path(part_dir), part, num_genes, value_kind, flavor)
     return {"part": str(part_dir), "n": meta["n"], "source": meta["source"]}
 
 
@@ -69,6 +69,9 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
     """Convert ``cfg.inputs`` into the store ``cfg.out``; returns the manifest."""
     if not cfg.out:
         raise DataError(None, "shard.out (the store path) is not set")
+    from .writer import COMPRESSORS
+    if cfg.compressor not in COMPRESSORS:
+        raise DataError(None, f"shard.compressor must be one of {sorted(COMPRESSORS)}, not {cfg.compressor!r}")
     out = Path(cfg.out)
     if (out / MANIFEST_FILE).is_file() and not overwrite:
         log(f"{out} is already a complete store; nothing to do (pass --overwrite to rebuild)")
@@ -76,10 +79,16 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
     module = _source_module(cfg.source)
     t0 = time.time()
     plan: Plan = module.plan(cfg)
+    flavor = cfg.hvg.flavor
+    if flavor not in ("seurat_v3", "dispersion"):
+        raise DataError(None, f"shard.hvg.flavor must be seurat_v3 or dispersion, not {flavor!r}")
+    if plan.value_kind != VALUES_COUNTS and flavor == "seurat_v3":
+        log("note: seurat_v3 needs raw counts; this input is log-normalised, so HVGs use the dispersion flavor")
+        flavor = "dispersion"
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     # a plan fingerprint guards against resuming with different inputs or settings
-    fingerprint = json.dumps({"tasks": plan.tasks, "value_kind": plan.value_kind,
+    fingerprint = json.dumps({"tasks": plan.tasks, "value_kind": plan.value_kind, "flavor": flavor,
                               "genes": len(plan.gene_ids)}, sort_keys=True, default=str)
     fp_file = work / "plan.json"
     if fp_file.is_file() and fp_file.read_text() != fingerprint:
@@ -92,8 +101,8 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
     todo = [i for i, p in enumerate(part_dirs) if not (p / "meta.json").is_file()]
     log(f"{cfg.source}: {len(plan.files)} file(s), {len(plan.tasks)} part(s), "
         f"{len(plan.tasks) - len(todo)} already done; {len(plan.gene_ids):,} genes ({plan.value_kind})")
-    args = [(cfg.source, plan.tasks[i], plan.shared, str(part_dirs[i]), len(plan.gene_ids), plan.value_kind)
-            for i in todo]
+    args = [(cfg.source, plan.tasks[i], plan.shared, str(part_dirs[i]), len(plan.gene_ids), plan.value_kind,
+             flavor) for i in todo]
     done = 0
     if args:
         workers = max(1, min(cfg.num_workers, len(args)))
@@ -127,7 +136,8 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
     extra = dict(plan.extra)
     extra["timings"] = {"parts_seconds": round(t1 - t0, 3)}
     manifest = merge_parts(part_dirs, out, gene_ids=plan.gene_ids, gene_symbols=plan.gene_symbols,
-                           cfg=cfg, sources=sources, value_kind=plan.value_kind, extra=extra, log=log)
+                           cfg=cfg, sources=sources, value_kind=plan.value_kind, flavor=flavor, extra=extra,
+                           log=log)
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     log(f"conversion done in {time.time() - t0:.1f}s")

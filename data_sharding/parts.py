@@ -51,14 +51,18 @@ class PartData:
 
 
 def gene_stats(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, num_genes: int,
-               value_kind: str, target_sum: float = 1e4) -> dict[str, np.ndarray]:
+               value_kind: str, flavor: str, target_sum: float = 1e4) -> dict[str, np.ndarray]:
     """Per-gene sums for HVG selection, over the rows of one part (float64).
 
-    sum/sumsq: of the raw values (counts); norm_sum/norm_sumsq: of normalize_total counts
-    (for log-normalised input, of expm1(x), which are the normalised counts).
+    seurat_v3: sum/sumsq of the raw counts. dispersion: norm_sum/norm_sumsq of normalize_total
+    counts (for log-normalised input, of expm1(x), which are the normalised counts).
     """
     row_nnz = np.diff(indptr)
     x = data.astype(np.float64)
+    n = np.array(len(row_nnz), dtype=np.int64)
+    if flavor == "seurat_v3":
+        return {"n": n, "sum": np.bincount(indices, weights=x, minlength=num_genes),
+                "sumsq": np.bincount(indices, weights=x * x, minlength=num_genes)}
     if value_kind == VALUES_COUNTS:
         totals = np.add.reduceat(x, indptr[:-1][row_nnz > 0]) if len(x) else np.zeros(0)
         tot = np.zeros(len(row_nnz))
@@ -68,16 +72,13 @@ def gene_stats(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, num_ge
     else:
         norm = np.expm1(x)
     return {
-        "n": np.array(len(row_nnz), dtype=np.int64),
-        "sum": np.bincount(indices, weights=x, minlength=num_genes),
-        "sumsq": np.bincount(indices, weights=x * x, minlength=num_genes),
-        "nnz": np.bincount(indices, minlength=num_genes).astype(np.float64),
+        "n": n,
         "norm_sum": np.bincount(indices, weights=norm, minlength=num_genes),
         "norm_sumsq": np.bincount(indices, weights=norm * norm, minlength=num_genes),
     }
 
 
-def write_part(part_dir: Path, part: PartData, num_genes: int, value_kind: str) -> dict:
+def write_part(part_dir: Path, part: PartData, num_genes: int, value_kind: str, flavor: str) -> dict:
     """Sort a part by group key and write it atomically to ``part_dir``; returns its meta."""
     part_dir = Path(part_dir)
     tmp = part_dir.with_name(part_dir.name + ".tmp")
@@ -117,7 +118,7 @@ def write_part(part_dir: Path, part: PartData, num_genes: int, value_kind: str) 
         cell_id = cell_id.astype("<U1")
     cell_id.astype(cell_id.dtype.newbyteorder("<")).tofile(tmp / "cell_id.bin")
 
-    stats = gene_stats(indptr, part.indices[gather], part.data[gather], num_genes, value_kind)
+    stats = gene_stats(indptr, part.indices[gather], part.data[gather], num_genes, value_kind, flavor)
     np.savez(tmp / "stats.npz", **stats)
     meta = {
         "n": int(part.n),

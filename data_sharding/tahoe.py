@@ -80,8 +80,11 @@ def plan(cfg: ShardConfig) -> Plan:
         raise DataError(meta_dir / GENE_METADATA_FILE, "duplicate token_id values")
     if token_ids.min() < 0:
         raise DataError(meta_dir / GENE_METADATA_FILE, "negative token_id values")
+    # The store vocabulary is gene_metadata ordered by token id, so rows that list tokens in
+    # ascending order (as the release does) map to sorted gene indices without a sort.
+    vocab_order = np.argsort(token_ids, kind="stable")
     lookup = np.full(int(token_ids.max()) + 1, -1, dtype=np.int32)
-    lookup[token_ids] = np.arange(len(token_ids), dtype=np.int32)
+    lookup[token_ids[vocab_order]] = np.arange(len(token_ids), dtype=np.int32)
 
     samples = _read_table(meta_dir / SAMPLE_METADATA_FILE, ("sample", "drugname_drugconc"))
     sample_label, sample_dose, controls = {}, {}, set()
@@ -122,8 +125,8 @@ def plan(cfg: ShardConfig) -> Plan:
 
     return Plan(
         source="tahoe", files=files, tasks=tasks,
-        gene_ids=genes.column("ensembl_id").to_numpy(zero_copy_only=False).astype(str),
-        gene_symbols=genes.column("gene_symbol").to_numpy(zero_copy_only=False).astype(str),
+        gene_ids=genes.column("ensembl_id").to_numpy(zero_copy_only=False).astype(str)[vocab_order],
+        gene_symbols=genes.column("gene_symbol").to_numpy(zero_copy_only=False).astype(str)[vocab_order],
         value_kind=VALUES_COUNTS,
         shared={"lookup": lookup, "sample_label": sample_label, "sample_dose": sample_dose,
                 "metadata": str(meta_dir)},
@@ -174,8 +177,9 @@ def convert_task(task: dict, shared: dict) -> PartData:
     np.cumsum(g_len - 1, out=indptr[1:])
 
     lookup = shared["lookup"]
-    bad = (tokens < 0) | (tokens >= len(lookup))
-    idx = np.where(bad, -1, lookup[np.clip(tokens, 0, len(lookup) - 1)])
+    in_range = len(tokens) == 0 or (tokens.min() >= 0 and tokens.max() < len(lookup))
+    idx = lookup[tokens] if in_range else np.where((tokens < 0) | (tokens >= len(lookup)), -1,
+                                                   lookup[np.clip(tokens, 0, len(lookup) - 1)])
     if (idx < 0).any():
         pos = int(np.flatnonzero(idx < 0)[0])
         r = int(np.searchsorted(indptr, pos, side="right") - 1)
@@ -183,9 +187,12 @@ def convert_task(task: dict, shared: dict) -> PartData:
                         f"{GENE_METADATA_FILE} token_id (gene vocabulary mismatch)")
     check_values(path, values, indptr, row0, require_integer=True)
 
-    row_of = np.repeat(np.arange(n), np.diff(indptr))
-    same_row = row_of[1:] == row_of[:-1]
-    if (same_row & (idx[1:] <= idx[:-1])).any():
+    unsorted = idx[1:] <= idx[:-1]
+    boundary = indptr[1:-1] - 1
+    unsorted[boundary[(boundary >= 0) & (boundary < len(unsorted))]] = False
+    if unsorted.any():  # rows not in ascending token order: sort within rows
+        row_of = np.repeat(np.arange(n), np.diff(indptr))
+        same_row = row_of[1:] == row_of[:-1]
         order = np.lexsort((idx, row_of))
         idx, values = idx[order], values[order]
         dup = same_row & (idx[1:] == idx[:-1])

@@ -86,13 +86,14 @@ def hash_update(sha, values: np.ndarray) -> None:
         sha.update(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
-def _array(group: zarr.Group, name: str, n: int, dtype, chunk: int, shard: int | None = None):
+def _array(group: zarr.Group, name: str, n: int, dtype, chunk: int, shard: int | None = None,
+           compressor: str = "lz4"):
     chunk = max(1, min(chunk, max(n, 1)))
     kwargs = dict(shape=(n,), dtype=dtype, chunks=(chunk,), fill_value=None)
     if dtype is str:
         kwargs["fill_value"] = ""
     else:
-        kwargs["compressors"] = COMPRESSOR
+        kwargs["compressors"] = COMPRESSORS[compressor]
     if shard is not None and n > chunk:
         kwargs["shards"] = (max(chunk, (shard // chunk) * chunk),)
     return group.create_array(name, **kwargs)
@@ -107,7 +108,7 @@ def _write_small(group: zarr.Group, name: str, values: np.ndarray, checksums: di
 
 
 def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_symbols: np.ndarray,
-                cfg: ShardConfig, sources: list[dict], value_kind: str, extra: dict | None = None,
+                cfg: ShardConfig, sources: list[dict], value_kind: str, flavor: str, extra: dict | None = None,
                 log: Callable[[str], None] = print) -> dict:
     """Write the store at ``out`` from finished parts; returns the manifest."""
     t0 = time.time()
@@ -152,10 +153,6 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
 
     # ---- HVG statistics (first pass came with the parts) ----------------------------------
     stats = hvg.combine_stats([r.stats() for r in readers])
-    flavor = cfg.hvg.flavor
-    if value_kind != VALUES_COUNTS and flavor == "seurat_v3":
-        log("note: seurat_v3 needs raw counts; this input is log-normalised, using the dispersion flavor")
-        flavor = "dispersion"
     clipped = hvg.ClippedMoments(stats) if flavor == "seurat_v3" else None
 
     # ---- create the store under a temporary name ------------------------------------------
@@ -167,11 +164,12 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
     xg, og, vg = root.create_group(X_GROUP), root.create_group(OBS_GROUP), root.create_group(VAR_GROUP)
     cc = cfg.chunk_cells
     app = {
-        "X/indptr": Appender(_array(xg, "indptr", n_cells + 1, DTYPES["indptr"], cc), cc),
-        "X/indices": Appender(_array(xg, "indices", nnz_total, DTYPES["indices"], cfg.chunk_nnz, cfg.shard_nnz),
-                              cfg.shard_nnz),
-        "X/data": Appender(_array(xg, "data", nnz_total, DTYPES["data"], cfg.chunk_nnz, cfg.shard_nnz),
-                           cfg.shard_nnz),
+        "X/indptr": Appender(_array(xg, "indptr", n_cells + 1, DTYPES["indptr"], cc,
+                                    compressor=cfg.compressor), cc),
+        "X/indices": Appender(_array(xg, "indices", nnz_total, DTYPES["indices"], cfg.chunk_nnz, cfg.shard_nnz,
+                                     cfg.compressor), cfg.shard_nnz),
+        "X/data": Appender(_array(xg, "data", nnz_total, DTYPES["data"], cfg.chunk_nnz, cfg.shard_nnz,
+                                  cfg.compressor), cfg.shard_nnz),
         f"obs/{CELL_ID}": Appender(_array(og, CELL_ID, n_cells, str, cc), cc),
         f"obs/{TOTAL_COUNTS}": Appender(_array(og, TOTAL_COUNTS, n_cells, "float64", cc), cc),
         f"obs/{N_GENES}": Appender(_array(og, N_GENES, n_cells, "int32", cc), cc),
@@ -317,7 +315,7 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
         "sources": sources,
         "arrays": checksums,
         "layout": {"chunk_nnz": cfg.chunk_nnz, "shard_nnz": cfg.shard_nnz, "chunk_cells": cfg.chunk_cells,
-                   "compressor": "blosc-lz4-shuffle"},
+                   "compressor": cfg.compressor},
     }
     manifest.update({k: v for k, v in (extra or {}).items() if k not in manifest})
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))

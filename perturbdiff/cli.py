@@ -63,7 +63,8 @@ def cmd_synth(cfg: RunConfig) -> None:
 
     summary = generate(cfg.synth)
     save_config(cfg, cfg.synth.out_dir)
-    print(f"synthetic dataset: {summary}")
+    print(f"synthetic dataset: {summary['num_cells']:,} cells in {summary['num_files']} parquet file(s) "
+          f"under {cfg.synth.out_dir} ({summary['seconds']:.1f}s)")
 
 
 def cmd_shard(cfg: RunConfig, overwrite: bool) -> None:

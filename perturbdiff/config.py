@@ -82,10 +82,11 @@ class ShardConfig:
     # layout
     cells_per_part: int = 200_000  # conversion unit: bounds memory per worker
     num_workers: int = 2
-    chunk_nnz: int = 1 << 16  # Zarr chunk of X/indices and X/data
+    chunk_nnz: int = 1 << 15  # Zarr chunk of X/indices and X/data (~ a run of cells; see data.run_cells)
     shard_nnz: int = 1 << 24  # Zarr shard (file) of X/indices and X/data
     chunk_cells: int = 1 << 16  # Zarr chunk of per-cell arrays
     block_cells: int = 1 << 18  # cells assembled per merge step (bounds merge memory)
+    compressor: str = "lz4"  # lz4 (fast reads) | zstd (smaller) | none (fastest reads, ~2x disk)
     hvg: HVGConfig = field(default_factory=HVGConfig)
     keep_work: bool = False  # keep the per-part intermediates after success
 
@@ -144,7 +145,7 @@ class DataConfig:
     # Sets (and control sets) are drawn as random runs of this many store-adjacent cells. The
     # converter shuffles cells within each group, so a run is a random sample of its group; runs
     # make a set a few contiguous reads instead of m scattered ones. 1 = fully independent cells.
-    run_cells: int = 16
+    run_cells: int = 32
     include_controls: bool = False  # control groups are also targets (marginal pretraining)
     empty_control_pool: str = "same_context"  # error | same_context | none (zero-size, masked)
     split: SplitConfig = field(default_factory=SplitConfig)

@@ -64,9 +64,9 @@ def make_counts(rng: np.random.Generator, n_cells: int, n_genes: int, *, planted
         n_groups = int(group_of_cell.max()) + 1
         effect = np.exp(rng.normal(0, 0.4, size=(n_groups, n_genes)))
         lam = lam * effect[group_of_cell]
-    for g in planted:
-        on = rng.random(n_cells) < 0.2
-        lam[:, g] = np.where(on, 40.0 * size, 0.05 * size)
+    for k, g in enumerate(planted):  # rare bursts; on-levels 6, 12, 24 keep the means in the bulk
+        on = rng.random(n_cells) < 0.1
+        lam[:, g] = np.where(on, 6.0 * 2.0 ** (k % 3) * size, 0.02 * size)
     counts = rng.poisson(lam).astype(np.int64)
     counts[:, list(zero_genes)] = 0
     counts[list(zero_cells), :] = 0
@@ -292,6 +292,38 @@ def lognorm(counts: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hand-made conditions tables (sampler / split unit tests without a store)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_conditions(contexts, batches, perts, control="control", seed=0, skip=(), control_n=None,
+                    sizes=None) -> pd.DataFrame:
+    """A conditions table like a store's: each (context, batch) has ``control`` and every perturbation.
+
+    ``skip``: (context, batch, perturbation) keys left out; ``control_n``: fixed control group size;
+    ``sizes``: {key: n} overrides; other sizes are random in [1, 30).
+    """
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    rows, start = [], 0
+    for c, b in itertools.product(contexts, batches):
+        for p in sorted([control, *perts]):
+            if (c, b, p) in skip:
+                continue
+            n = int(rng.integers(1, 30))
+            if p == control and control_n is not None:
+                n = control_n
+            n = (sizes or {}).get((c, b, p), n)
+            rows.append(dict(context=c, batch=b, perturbation=p, is_control=p == control, start=start,
+                             stop=start + n, n=n))
+            start += n
+    df = pd.DataFrame(rows)
+    df.insert(0, "group_id", np.arange(len(df)))
+    return df
+
+
+# ---------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------
 
@@ -342,13 +374,20 @@ class LogCapture:
 
 
 def store_csr(path: Path) -> tuple[sp.csr_matrix, np.ndarray]:
-    """The whole store as a scipy CSR [N, G] (float64) and its cell ids."""
-    from perturbdiff.data.store import CellStore
+    """The whole store as a scipy CSR [N, G] (float64) and its cell ids, read with zarr-python only
+    (independent of the reader under test)."""
+    import zarr
 
-    st = CellStore(path)
-    ip, ix, dt = st.read_csr(np.arange(st.num_cells))
-    m = sp.csr_matrix((dt.astype(np.float64), ix, ip), shape=(st.num_cells, st.num_genes))
-    return m, st.obs("cell_id")
+    from perturbdiff.data.store import as_numpy
+
+    root = zarr.open_group(str(path), mode="r")
+    ip = np.asarray(root["X/indptr"][:])
+    ix = np.asarray(root["X/indices"][:])
+    dt = np.asarray(root["X/data"][:])
+    m = manifest(path)
+    assert ip.dtype == np.int64 and ix.dtype == np.int32 and dt.dtype == np.float32
+    X = sp.csr_matrix((dt.astype(np.float64), ix, ip), shape=(m["num_cells"], m["num_genes"]))
+    return X, as_numpy(root["obs/cell_id"][:]).astype(str)
 
 
 def source_in_store_order(store_cells: np.ndarray, source_ids, source_matrix: np.ndarray) -> np.ndarray:
@@ -423,12 +462,21 @@ d = json.loads({cfg_to_json(cfg)!r})
 d["hvg"] = HVGConfig(**d["hvg"])
 cfg = ShardConfig(**d)
 delay = {slow_parts!r}
-if delay:
+if delay and hasattr(parts, "_fsync_dir"):
+    # sleep after a part's files are written, before it is renamed into place
     orig = parts._fsync_dir
     def slow(path):
         orig(path)
         time.sleep(delay)
     parts._fsync_dir = slow
+elif delay:
+    import data_sharding.convert as conv
+    orig_write = conv.write_part
+    def slow_write(*a, **k):
+        res = orig_write(*a, **k)
+        time.sleep(delay)
+        return res
+    conv.write_part = slow_write
 convert(cfg, log=lambda m: None)
 """
 

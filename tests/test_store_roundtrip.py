@@ -14,7 +14,7 @@ from helpers import (
     assert_stores_identical, build_h5ad, h5ad_cfg, manifest, quiet, shard_cfg, source_in_store_order, store_csr,
 )
 from perturbdiff.config import NormalizeConfig, PanelConfig
-from perturbdiff.data import schema, store as store_mod
+from perturbdiff.data import schema
 from perturbdiff.data.store import CellStore, as_numpy
 
 CONTROL_LABEL = schema.format_drugconc("DMSO_TF", 0.0)
@@ -143,13 +143,14 @@ def test_groups_contiguous_and_conditions_match_obs_codes(tahoe_src, tahoe_store
         assert unit == "uM" and (dose == 0.0) == (drug == "DMSO_TF")
 
 
-def test_within_group_order_is_source_order(tahoe_src, tahoe_store):
-    """Cells of a group keep their order of appearance in the source (files, then rows)."""
+def test_group_members_are_the_source_groups(tahoe_src, tahoe_store):
+    """Each group's row range holds exactly the source cells of that (cell line, plate, drug+dose)."""
     st = CellStore(tahoe_store)
     ids = st.obs("cell_id")
-    src_pos = pd.Index(tahoe_src.obs["cell_id"]).get_indexer(ids)
+    src = tahoe_src.obs
     for row in st.conditions.itertuples():
-        assert np.all(np.diff(src_pos[row.start:row.stop]) > 0)
+        sel = (src["cell_line_id"] == row.context) & (src["plate"] == row.batch) & (src["perturbation"] == row.perturbation)
+        assert sorted(ids[row.start:row.stop].tolist()) == sorted(src.loc[sel, "cell_id"].tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,22 +183,47 @@ def test_store_layout_chunks_do_not_change_values(tahoe_src, tahoe_store, tmp_pa
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("coalesce", [store_mod.COALESCE_ELEMS, 0, 50])
-def test_read_csr_any_rows(tahoe_store, monkeypatch, coalesce):
-    monkeypatch.setattr(store_mod, "COALESCE_ELEMS", coalesce)
+@pytest.mark.parametrize("cache_mb", [64, 0])
+def test_read_csr_any_rows(tahoe_store, cache_mb):
+    """The store's fast chunk reader returns exactly what zarr-python reads, for any row pattern."""
+    from perturbdiff.data.chunks import ChunkReader
+
     X, _ = store_csr(tahoe_store)
-    st = CellStore(tahoe_store)
+    st = CellStore(tahoe_store, cache_mb=cache_mb)
+    assert isinstance(st.indices_fast, ChunkReader) and isinstance(st.data_fast, ChunkReader)
     rng = np.random.default_rng(3)
-    for size in (1, 2, 17, 300):
-        rows = np.sort(rng.choice(st.num_cells, size=size, replace=False))
-        ip, ix, dt = st.read_csr(rows)
-        assert ip.dtype == np.int64 and len(ip) == size + 1
-        got = np.zeros((size, st.num_genes))
-        for i in range(size):
-            got[i, ix[ip[i]:ip[i + 1]]] = dt[ip[i]:ip[i + 1]]
-        np.testing.assert_array_equal(got, X[rows].toarray())
+    patterns = [np.array([0]), np.array([st.num_cells - 1]), np.arange(st.num_cells), np.array([0, st.num_cells - 1]),
+                np.arange(100, 140), np.arange(0, st.num_cells, 97)]
+    patterns += [np.sort(rng.choice(st.num_cells, size=k, replace=False)) for k in (2, 17, 300, 700)]
+    for _ in range(2):  # a second pass hits the chunk cache
+        for rows in patterns:
+            ip, ix, dt = st.read_csr(rows)
+            assert ip.dtype == np.int64 and len(ip) == len(rows) + 1
+            sub = X[rows]
+            np.testing.assert_array_equal(ip, sub.indptr)
+            np.testing.assert_array_equal(ix, sub.indices)
+            np.testing.assert_array_equal(dt, sub.data.astype(np.float32))
     ip, ix, dt = st.read_csr(np.zeros(0, dtype=np.int64))
     assert len(ip) == 1 and len(ix) == len(dt) == 0
+
+
+@pytest.mark.parametrize("layout", [dict(chunk_nnz=1 << 20, shard_nnz=1 << 22, chunk_cells=1 << 16),
+                                    dict(chunk_nnz=100, shard_nnz=100, chunk_cells=50),
+                                    dict(chunk_nnz=300, shard_nnz=300 * 5, chunk_cells=64)])
+def test_read_csr_other_layouts(tahoe_src, tmp_path, layout):
+    """Unsharded, one-chunk-per-shard and partly filled last shard layouts read back exactly."""
+    out = tmp_path / "layout.zarr"
+    convert(shard_cfg(tahoe_src.root, out, **layout), log=quiet)
+    X, _ = store_csr(out)
+    st = CellStore(out)
+    rng = np.random.default_rng(4)
+    for k in (1, 50, st.num_cells):
+        rows = np.sort(rng.choice(st.num_cells, size=k, replace=False))
+        ip, ix, dt = st.read_csr(rows)
+        sub = X[rows]
+        np.testing.assert_array_equal(ip, sub.indptr)
+        np.testing.assert_array_equal(ix, sub.indices)
+        np.testing.assert_array_equal(dt, sub.data.astype(np.float32))
 
 
 def _reference_norm(counts: np.ndarray, norm: NormalizeConfig) -> np.ndarray:

@@ -430,6 +430,13 @@ def test_generate_writes_h5ad_when_asked(tmp_path):
     n = sum(pq.ParquetFile(f).metadata.num_rows for f in (out / "data").glob("*.parquet"))
     assert a.n_obs == n == 600
     assert json.loads((out / "ground_truth" / "truth.json").read_text())["num_cells"] == 600
+    # a complete rerun keeps the h5ad; regenerating a file rewrites it
+    mtime = h5.stat().st_mtime_ns
+    assert generate(small_cfg(out, num_cells=600, cells_per_file=250, write_h5ad=True))["num_written"] == 0
+    assert h5.stat().st_mtime_ns == mtime
+    (out / "data" / "train-00001-of-00003.parquet").unlink()
+    generate(small_cfg(out, num_cells=600, cells_per_file=250, write_h5ad=True))
+    assert h5.stat().st_mtime_ns != mtime and ad.read_h5ad(h5).n_obs == 600
 
 
 def test_bad_config_rejected(tmp_path):

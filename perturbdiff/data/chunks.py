@@ -134,6 +134,11 @@ class ChunkReader:
             self._cache_bytes -= old.nbytes
         return values
 
+    def take(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Concatenation of [s, s + l) for each (s, l); adjacent ranges are read as one."""
+        return np.concatenate([self[a:b] for a, b in merge_ranges(starts, lengths)] or
+                              [np.zeros(0, dtype=self.dtype)])
+
     def __getitem__(self, sl: slice) -> np.ndarray:
         a, b, step = sl.indices(self.size)
         if step != 1:
@@ -148,9 +153,36 @@ class ChunkReader:
         return out[a - k0 * self.chunk:b - k0 * self.chunk]
 
 
+def merge_ranges(starts: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted, non-overlapping [s, s + l) ranges -> maximal runs of touching ranges, as (a, b)."""
+    starts = np.asarray(starts, dtype=np.int64)
+    stops = starts + np.asarray(lengths, dtype=np.int64)
+    keep = stops > starts
+    starts, stops = starts[keep], stops[keep]
+    if len(starts) == 0:
+        return []
+    cut = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+    return list(zip(starts[np.r_[0, cut]].tolist(), stops[np.r_[cut - 1, len(stops) - 1]].tolist()))
+
+
+class ZarrRanges:
+    """The same ``take`` over zarr-python, for layouts ChunkReader does not handle."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        return np.asarray(self.array[sl])
+
+    def take(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        runs = merge_ranges(starts, lengths)
+        return np.concatenate([np.asarray(self.array[a:b]) for a, b in runs] or
+                              [np.zeros(0, dtype=self.array.dtype)])
+
+
 def fast_or_zarr(array, array_dir: Path, cache_bytes: int):
-    """A ChunkReader when the layout allows, else the zarr array itself (same slicing interface)."""
+    """A ChunkReader when the layout allows, else a zarr-python reader with the same interface."""
     try:
         return ChunkReader(array_dir, cache_bytes)
     except (Unsupported, KeyError, OSError, ValueError, TypeError):
-        return array
+        return ZarrRanges(array)

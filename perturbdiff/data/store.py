@@ -14,13 +14,9 @@ import zarr
 from perturbdiff.config import NormalizeConfig, PanelConfig
 
 from .chunks import fast_or_zarr
-from .csr import ranges_index
 from .schema import (
     CONDITIONS_FILE, STORE_ATTR, VALUES_COUNTS, VALUES_LOGNORM, DataError, read_manifest,
 )
-
-# Rows whose element ranges are closer than this are read in one slice.
-COALESCE_ELEMS = 1 << 14
 
 
 class CellStore:
@@ -114,32 +110,16 @@ class CellStore:
     # ---- rows -----------------------------------------------------------------------------------
 
     def read_csr(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CSR (indptr, indices, data) of ``rows`` (sorted, unique), with few contiguous reads."""
+        """CSR (indptr, indices, data) of ``rows`` (sorted, unique); each needed chunk is read once."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
         ip = np.asarray(self.indptr_fast[rows[0]:rows[-1] + 2])
         starts, stops = ip[rows - rows[0]], ip[rows - rows[0] + 1]
         lengths = stops - starts
-        # coalesce neighbouring rows into runs read in one slice each
-        gap = starts[1:] - stops[:-1]
-        cut = np.flatnonzero(gap > COALESCE_ELEMS) + 1
-        run_lo = np.split(np.arange(len(rows)), cut)
-        indices, data = [], []
-        for run in run_lo:
-            a, b = int(starts[run[0]]), int(stops[run[-1]])
-            idx = np.asarray(self.indices_fast[a:b])
-            val = np.asarray(self.data_fast[a:b])
-            if b - a == int(lengths[run].sum()):
-                indices.append(idx)
-                data.append(val)
-            else:
-                take = ranges_index(starts[run] - a, lengths[run])
-                indices.append(idx[take])
-                data.append(val[take])
         out_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=out_ptr[1:])
-        return out_ptr, np.concatenate(indices), np.concatenate(data)
+        return out_ptr, self.indices_fast.take(starts, lengths), self.data_fast.take(starts, lengths)
 
     def read_dense(self, rows: np.ndarray, panel: np.ndarray, normalize: NormalizeConfig) -> np.ndarray:
         """Rows as a dense float32 [len(rows), P] array on ``panel``, normalised (see to_dense)."""
