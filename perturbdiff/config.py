@@ -117,6 +117,9 @@ class SplitConfig:
     # Also hold out this fraction of the remaining (context, perturbation) pairs at random, for val.
     random_val_fraction: float = 0.0
     seed: int = 0
+    # A rule naming a context / batch / perturbation absent from the store is an error (typos);
+    # with strict=false it is only reported (paper lists applied to a subset of the data).
+    strict: bool = True
 
 
 @dataclass

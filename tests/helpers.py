@@ -397,6 +397,29 @@ def source_in_store_order(store_cells: np.ndarray, source_ids, source_matrix: np
     return np.asarray(source_matrix)[pos]
 
 
+def gene_positions(store: Path, gene_ids) -> np.ndarray:
+    """Store var position of each given gene id (the store may order its vocabulary its own way)."""
+    import zarr
+
+    from perturbdiff.data.store import as_numpy
+
+    ids = as_numpy(zarr.open_group(str(store), mode="r")["var/gene_id"][:]).astype(str)
+    pos = pd.Index(ids).get_indexer(np.asarray(gene_ids).astype(str))
+    assert (pos >= 0).all(), "genes missing from the store vocabulary"
+    assert len(np.unique(pos)) == len(pos)
+    return pos
+
+
+def tahoe_in_store_order(src: "TahoeSource", store: Path) -> np.ndarray:
+    """The source counts with rows in the store's cell order and columns in its gene order."""
+    _, cell_ids = store_csr(store)
+    rows = source_in_store_order(cell_ids, src.obs["cell_id"], src.counts)
+    pos = gene_positions(store, src.gene_ids)
+    out = np.zeros_like(rows)
+    out[:, pos] = rows
+    return out
+
+
 def zarr_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every array of a store, by path, as numpy."""
     import zarr

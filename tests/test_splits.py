@@ -144,6 +144,18 @@ def test_unknown_value_in_rule_raises_naming_it(rule, field, value):
         assign_splits(cond, SplitConfig(val=[rule]))
 
 
+def test_non_strict_rule_reports_unknown_names_and_holds_out_the_rest():
+    cond = make_conditions(**TAHOE)
+    notes = []
+    cfg = SplitConfig(test=[HoldoutRule(contexts=["CVCL_A", "CVCL_GONE"], perturbations=["D1", "D_missing"])],
+                      strict=False)
+    got = assign_splits(cond, cfg, log=notes.append)
+    t = (cond["context"] == "CVCL_A") & (cond["perturbation"] == "D1")
+    assert_split(got, expected(cond, t), cond)
+    text = "\n".join(notes)
+    assert "CVCL_GONE" in text and "D_missing" in text
+
+
 def test_empty_rule_raises():
     cond = make_conditions(**TAHOE)
     with pytest.raises(DataError, match="empty"):

@@ -11,7 +11,7 @@ import zarr
 
 from data_sharding.convert import convert
 from helpers import (
-    assert_stores_identical, build_h5ad, h5ad_cfg, manifest, quiet, shard_cfg, source_in_store_order, store_csr,
+    assert_stores_identical, build_h5ad, gene_positions, tahoe_in_store_order, h5ad_cfg, manifest, quiet, shard_cfg, source_in_store_order, store_csr,
 )
 from perturbdiff.config import NormalizeConfig, PanelConfig
 from perturbdiff.data import schema
@@ -31,7 +31,7 @@ def test_tahoe_cells_equal_source_exactly(tahoe_src, tahoe_store):
     assert st.value_kind == schema.VALUES_COUNTS
     assert X.shape == tahoe_src.counts.shape == (st.num_cells, st.num_genes)
     assert sorted(cell_ids.tolist()) == sorted(tahoe_src.obs["cell_id"].tolist())  # every cell once
-    expected = source_in_store_order(cell_ids, tahoe_src.obs["cell_id"], tahoe_src.counts)
+    expected = tahoe_in_store_order(tahoe_src, tahoe_store)
     np.testing.assert_array_equal(X.toarray(), expected.astype(np.float64))
     # CSR invariants: indices sorted and unique within each row, no explicit zeros
     for i in range(X.shape[0]):
@@ -49,7 +49,7 @@ def test_tahoe_marker_stripped_and_nnz(tahoe_src, tahoe_store):
     assert len(data) == tahoe_src.nnz == st.manifest["nnz"] == int(indptr[-1])
     # per-cell gene count and total: the marker is not a gene and not a count
     ids = st.obs("cell_id")
-    src = source_in_store_order(ids, tahoe_src.obs["cell_id"], tahoe_src.counts)
+    src = tahoe_in_store_order(tahoe_src, tahoe_store)
     np.testing.assert_array_equal(st.obs(schema.N_GENES), (src > 0).sum(axis=1))
     np.testing.assert_array_equal(st.obs(schema.TOTAL_COUNTS), src.sum(axis=1).astype(np.float64))
     # the hand-planted all-zero cell is kept as an empty row
@@ -58,14 +58,17 @@ def test_tahoe_marker_stripped_and_nnz(tahoe_src, tahoe_store):
 
 def test_tahoe_token_mapping_uses_gene_metadata(tahoe_src, tahoe_store):
     st = CellStore(tahoe_store)
-    # var order is gene_metadata row order, not token order
     gm = pq.read_table(tahoe_src.meta_dir / schema.GENE_METADATA_FILE).to_pandas()
-    np.testing.assert_array_equal(st.gene_ids, gm["ensembl_id"].to_numpy().astype(str))
-    np.testing.assert_array_equal(st.gene_symbols, gm["gene_symbol"].to_numpy().astype(str))
     assert not np.array_equal(gm["token_id"].to_numpy(), np.arange(len(gm)) + 3)
-    # straight from the raw parquet: a (token, value) entry lands at the var position of that token
+    assert not np.all(np.diff(gm["token_id"].to_numpy()) > 0)
+    # the vocabulary is gene_metadata's genes, each id kept with its own symbol
+    assert sorted(st.gene_ids) == sorted(gm["ensembl_id"])
+    symbol_of = dict(zip(gm["ensembl_id"], gm["gene_symbol"]))
+    assert [symbol_of[g] for g in st.gene_ids] == list(st.gene_symbols)
+    # straight from the raw parquet: a (token, value) entry lands at the var position of that token's gene
+    var_of_id = {g: i for i, g in enumerate(st.gene_ids)}
+    pos_of_token = {int(t): var_of_id[e] for t, e in zip(gm["token_id"], gm["ensembl_id"])}
     table = pq.read_table(tahoe_src.files[1])
-    pos_of_token = {int(t): i for i, t in enumerate(gm["token_id"])}
     X, cell_ids = store_csr(tahoe_store)
     row_of_cell = {c: i for i, c in enumerate(cell_ids)}
     checked = 0
@@ -78,11 +81,13 @@ def test_tahoe_token_mapping_uses_gene_metadata(tahoe_src, tahoe_store):
             checked += 1
         np.testing.assert_array_equal(X[row_of_cell[cid]].toarray()[0], dense)
     assert checked > 100
-    # one named gene: the highest token id sits at its gene_metadata row, not at token - 3
+    # one named gene: the highest token id; its column holds exactly that gene's counts
     j = int(np.argmax(tahoe_src.token_ids))
-    assert tahoe_src.token_ids[j] - 3 != j
+    p = pos_of_token[int(tahoe_src.token_ids[j])]
+    assert st.gene_ids[p] == tahoe_src.gene_ids[j] and st.gene_symbols[p] == tahoe_src.gene_symbols[j]
     expected = source_in_store_order(cell_ids, tahoe_src.obs["cell_id"], tahoe_src.counts)[:, j]
-    np.testing.assert_array_equal(X[:, j].toarray()[:, 0], expected)
+    assert expected.sum() > 0
+    np.testing.assert_array_equal(X[:, p].toarray()[:, 0], expected)
 
 
 def test_tahoe_extra_obs(tahoe_src, tahoe_store):
@@ -209,12 +214,15 @@ def test_read_csr_any_rows(tahoe_store, cache_mb):
 
 @pytest.mark.parametrize("layout", [dict(chunk_nnz=1 << 20, shard_nnz=1 << 22, chunk_cells=1 << 16),
                                     dict(chunk_nnz=100, shard_nnz=100, chunk_cells=50),
-                                    dict(chunk_nnz=300, shard_nnz=300 * 5, chunk_cells=64)])
-def test_read_csr_other_layouts(tahoe_src, tmp_path, layout):
-    """Unsharded, one-chunk-per-shard and partly filled last shard layouts read back exactly."""
+                                    dict(chunk_nnz=300, shard_nnz=300 * 5, chunk_cells=64),
+                                    dict(compressor="zstd"), dict(compressor="none")])
+def test_read_csr_other_layouts(tahoe_src, tahoe_store, tmp_path, layout):
+    """Unsharded, one-chunk-per-shard, partly filled last shard and other compressors read back exactly."""
     out = tmp_path / "layout.zarr"
     convert(shard_cfg(tahoe_src.root, out, **layout), log=quiet)
     X, _ = store_csr(out)
+    ref, _ = store_csr(tahoe_store)
+    assert (X != ref).nnz == 0  # the layout does not change the values
     st = CellStore(out)
     rng = np.random.default_rng(4)
     for k in (1, 50, st.num_cells):
@@ -240,7 +248,7 @@ def _reference_norm(counts: np.ndarray, norm: NormalizeConfig) -> np.ndarray:
 def test_read_dense_normalisation_matches_reference(tahoe_src, tahoe_store, norm):
     st = CellStore(tahoe_store)
     ids = st.obs("cell_id")
-    src = source_in_store_order(ids, tahoe_src.obs["cell_id"], tahoe_src.counts)
+    src = tahoe_in_store_order(tahoe_src, tahoe_store)
     zero_row = int(np.flatnonzero(src.sum(axis=1) == 0)[0])
     rng = np.random.default_rng(0)
     rows = np.unique(np.concatenate([rng.choice(st.num_cells, 60, replace=False), [zero_row]]))
@@ -258,8 +266,9 @@ def test_read_dense_normalisation_matches_reference(tahoe_src, tahoe_store, norm
 def test_panel_file_by_symbol_and_id(tahoe_src, tahoe_store, tmp_path):
     st = CellStore(tahoe_store)
     f = tmp_path / "genes.txt"
+    pos = gene_positions(tahoe_store, tahoe_src.gene_ids)
     f.write_text(f"{tahoe_src.gene_symbols[7]}\n{tahoe_src.gene_ids[2]}\n\n{tahoe_src.gene_symbols[30]}\n")
-    np.testing.assert_array_equal(st.panel(PanelConfig(kind="file", genes_file=str(f))), [7, 2, 30])
+    np.testing.assert_array_equal(st.panel(PanelConfig(kind="file", genes_file=str(f))), pos[[7, 2, 30]])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class SetLoader:
         self.eval_mode = (split != TRAIN) if eval_mode is None else eval_mode
         self.store = CellStore(cfg.store)
         cond = self.store.conditions
-        self.split_labels = assign_splits(cond, cfg.split)
+        self.split_labels = assign_splits(cond, cfg.split, log=log)
         self.sampler = SetSampler(cond, self.split_labels, cfg, split, self.eval_mode, log=log)
         if split == TRAIN:
             check_no_leakage(cond, self.split_labels, cfg.split, self.sampler.groups)

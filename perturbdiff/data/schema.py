@@ -49,6 +49,9 @@ class DataError(ValueError):
         self.problem = problem
         super().__init__(problem if path is None else f"{path}: {problem}")
 
+    def __reduce__(self):  # survives pickling from worker processes
+        return (DataError, (self.path, self.problem))
+
 
 # ---------------------------------------------------------------------------------------------
 # Tahoe-100M parquet release

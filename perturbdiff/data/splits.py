@@ -27,25 +27,28 @@ def _matches(conditions: pd.DataFrame, rule: HoldoutRule) -> np.ndarray:
     return m
 
 
-def _check_rule(conditions: pd.DataFrame, rule: HoldoutRule, where: str) -> None:
+def _check_rule(conditions: pd.DataFrame, rule: HoldoutRule, where: str, strict: bool = True, log=print) -> None:
     if not (rule.contexts or rule.batches or rule.perturbations):
         raise DataError(None, f"{where}: an empty holdout rule would hold out everything")
     for field, col in (("contexts", "context"), ("batches", "batch"), ("perturbations", "perturbation")):
         known = set(conditions[col].astype(str))
         unknown = [v for v in getattr(rule, field) if str(v) not in known]
+        if unknown and strict:
+            raise DataError(None, f"{where}.{field}: {unknown[:5]} not found in the store's {col} values "
+                            "(set split.strict=false to allow names the store lacks)")
         if unknown:
-            raise DataError(None, f"{where}.{field}: {unknown[:5]} not found in the store's {col} values")
+            log(f"note: {where}.{field}: {len(unknown)} name(s) not in the store, e.g. {unknown[:3]}")
 
 
-def assign_splits(conditions: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
+def assign_splits(conditions: pd.DataFrame, cfg: SplitConfig, log=print) -> np.ndarray:
     """One of train / val / test / control for every group (row of ``conditions``)."""
     split = np.full(len(conditions), TRAIN, dtype=object)
     is_control = conditions["is_control"].to_numpy()
     for i, rule in enumerate(cfg.val):
-        _check_rule(conditions, rule, f"split.val[{i}]")
+        _check_rule(conditions, rule, f"split.val[{i}]", cfg.strict, log)
         split[_matches(conditions, rule)] = VAL
     for i, rule in enumerate(cfg.test):
-        _check_rule(conditions, rule, f"split.test[{i}]")
+        _check_rule(conditions, rule, f"split.test[{i}]", cfg.strict, log)
         split[_matches(conditions, rule)] = TEST
     if cfg.random_val_fraction > 0:
         pairs = conditions.loc[(split == TRAIN) & ~is_control, ["context", "perturbation"]].drop_duplicates()
