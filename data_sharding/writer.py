@@ -1,9 +1,11 @@
 """Merge finished conversion parts into a store, in global group order, in bounded memory.
 
-Destination order is (group, part, row within part). Because each part is sorted by group in the
-same global order, the rows a part contributes to any destination range are one contiguous range of
-that part: a merge block of ``block_cells`` destination rows is one read per contributing part,
-then an in-memory gather. Memory is O(block + segment table), never O(dataset).
+Destination order is (group, part, row within part), then each group's cells are shuffled in fixed
+windows of SHUFFLE_WINDOW cells (seeded by group and window, so the store does not depend on
+block size or worker count). Because each part is sorted by group in the same global order, the
+rows a part contributes to any destination range are one contiguous range of that part: a merge
+block of about ``block_cells`` rows (cut at window boundaries) is one read per contributing part,
+then an in-memory gather and shuffle. Memory is O(block + segment table), never O(dataset).
 
 The store is assembled under ``<out>.tmp`` and renamed to ``<out>`` after the manifest is written,
 so a reader never sees a half-written store. Per-array sha256 checksums of the bytes written go in

@@ -218,14 +218,6 @@ def write_tahoe_rows(path: Path, genes: list, expressions: list, obs: pd.DataFra
     pq.write_table(table, path, row_group_size=row_group_size)
 
 
-def read_tahoe_file(path: Path) -> pa.Table:
-    return pq.read_table(path)
-
-
-def rewrite_tahoe_file(path: Path, table: pa.Table, row_group_size: int = 37) -> None:
-    pq.write_table(table, path, row_group_size=row_group_size)
-
-
 # ---------------------------------------------------------------------------------------------
 # h5ad fixture
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ h5ad counts / log-normalised input, identical stores across layouts, on-read nor
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import zarr

@@ -52,6 +52,7 @@ class SetSampler:
         if cfg.sampling not in ("proportional", "balanced"):
             raise DataError(None, f"data.sampling must be proportional or balanced, not {cfg.sampling!r}")
         self.cfg, self.m, self.eval_mode, self.split = cfg, cfg.set_size, eval_mode, split
+        self.run = min(cfg.run_cells, cfg.set_size)  # a run never exceeds a set
         self.start = conditions["start"].to_numpy(np.int64)
         self.n = conditions["n"].to_numpy(np.int64)
         targets = split_labels == split
@@ -131,7 +132,7 @@ class SetSampler:
         key = (epoch, g)
         if key not in self._perm_cache:
             rng = np.random.default_rng([self.cfg.seed, epoch, g])
-            self._perm_cache[key] = run_permutation(rng, int(self.n[g]), self.cfg.run_cells)
+            self._perm_cache[key] = run_permutation(rng, int(self.n[g]), self.run)
             if len(self._perm_cache) > 64:
                 self._perm_cache.popitem(last=False)
         return self._perm_cache[key]
@@ -142,13 +143,13 @@ class SetSampler:
             local = self._perm(e, g)[k * m:(k + 1) * m]
         else:
             rng = np.random.default_rng([self.cfg.seed, e, g, k])
-            local = run_permutation(rng, n, self.cfg.run_cells)[:m]
+            local = run_permutation(rng, n, self.run)[:m]
         rows = self.start[g] + np.sort(local)
         starts, sizes = self._pools[g]
         pool = int(sizes.sum())
         if pool:
             rng = np.random.default_rng([self.cfg.seed, e, g, k, _CTRL_STREAM])
-            pick = np.sort(run_permutation(rng, pool, self.cfg.run_cells)[:m])
+            pick = np.sort(run_permutation(rng, pool, self.run)[:m])
             offsets = np.cumsum(sizes) - sizes
             which = np.searchsorted(offsets, pick, side="right") - 1
             ctrl = starts[which] + (pick - offsets[which])
@@ -162,15 +163,19 @@ class SetSampler:
 
 
 def run_permutation(rng: np.random.Generator, n: int, run: int) -> np.ndarray:
-    """A permutation of range(n) made of runs: the n cells cut into runs of ``run`` consecutive
-    cells, the runs in random order. run=1 is a uniform permutation. Any prefix is a sample
-    without replacement."""
-    if run <= 1:
+    """A permutation of range(n) made of runs of ``run`` consecutive cells in random order.
+
+    The run boundaries move with a random circular offset on every draw, so every cell can start
+    a run (no cell is unreachable when a set takes only part of a run). run=1 is a uniform
+    permutation. Any prefix is a sample without replacement.
+    """
+    if run <= 1 or n <= 1:
         return rng.permutation(n)
     num_runs = -(-n // run)
     order = rng.permutation(num_runs)
     starts = order * run
-    return ranges_index(starts, np.minimum(run, n - starts))
+    offset = int(rng.integers(n))
+    return (ranges_index(starts, np.minimum(run, n - starts)) + offset) % n
 
 
 def num_batches(num_positions: int, sets_per_batch: int, drop_last: bool) -> int:
