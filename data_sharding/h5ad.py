@@ -103,6 +103,21 @@ def _detect_values(f: h5py.File, path: Path, n_obs: int, forced: str) -> str:
     return VALUES_LOGNORM
 
 
+def _part_cuts(x, n_obs: int, n_var: int, cfg: ShardConfig) -> list[int]:
+    """Row cut points so a part has <= cells_per_part rows and (beyond one row) <= part_nnz nonzeros."""
+    if isinstance(x, h5py.Dataset):  # dense: every entry counts
+        step = max(1, min(cfg.cells_per_part, cfg.part_nnz // max(n_var, 1)))
+        return list(range(0, n_obs, step)) + [n_obs]
+    indptr, cuts = x["indptr"], [0]
+    while cuts[-1] < n_obs:
+        a = cuts[-1]
+        limit = min(n_obs, a + cfg.cells_per_part)
+        ip = np.asarray(indptr[a:limit + 1], dtype=np.int64)  # at most cells_per_part + 1 values
+        fits = int(np.searchsorted(ip - ip[0], cfg.part_nnz, side="right")) - 1  # rows within budget
+        cuts.append(a + min(limit - a, max(1, fits)))
+    return cuts
+
+
 def plan(cfg: ShardConfig) -> Plan:
     files = [Path(p) for p in cfg.inputs]
     if not files:
@@ -146,8 +161,9 @@ def plan(cfg: ShardConfig) -> Plan:
                 raise DataError(path, f"X has shape ({n_x}, {n_var}) but obs has {n_obs} rows and var "
                                 f"{len(ids)} genes")
             kinds.add(_detect_values(f, path, n_obs, cfg.values))
-        for i, start in enumerate(range(0, n_obs, cfg.cells_per_part)):
-            tasks.append({"file": str(path), "rows": [start, min(n_obs, start + cfg.cells_per_part)], "hash": i == 0})
+            cuts = _part_cuts(x, n_obs, n_var, cfg)
+        for i, (start, stop) in enumerate(zip(cuts[:-1], cuts[1:])):
+            tasks.append({"file": str(path), "rows": [start, stop], "hash": i == 0})
     if len(kinds) > 1:
         raise DataError(None, "the h5ad inputs mix raw counts and log-normalised values")
     value_kind = kinds.pop()

@@ -121,13 +121,21 @@ class ClippedMoments:
         self.sigma = np.sqrt(10.0 ** fitted)
         self.sigma[~ok] = 0.0
         self.vmax = self.mean + np.sqrt(n) * self.sigma
-        self.clip_sum = np.zeros_like(self.mean)
-        self.clip_sumsq = np.zeros_like(self.mean)
+        # clipped sums start as the plain sums; update() subtracts what clipping removes
+        self.clip_sum = np.asarray(stats["sum"], dtype=np.float64).copy()
+        self.clip_sumsq = np.asarray(stats["sumsq"], dtype=np.float64).copy()
+        self._vmax32 = self.vmax.astype(np.float32)
 
     def update(self, indices: np.ndarray, data: np.ndarray) -> None:
-        x = np.minimum(data.astype(np.float64), self.vmax[indices])
-        self.clip_sum += np.bincount(indices, weights=x, minlength=len(self.mean))
-        self.clip_sumsq += np.bincount(indices, weights=x * x, minlength=len(self.mean))
+        """Correct the sums for the (rare) entries above their gene's clip value."""
+        over = data > self._vmax32[indices]
+        if not over.any():
+            return
+        g = indices[over]
+        x = data[over].astype(np.float64)
+        v = self.vmax[g]
+        self.clip_sum -= np.bincount(g, weights=x - v, minlength=len(self.mean))
+        self.clip_sumsq -= np.bincount(g, weights=x * x - v * v, minlength=len(self.mean))
 
     def scores(self) -> np.ndarray:
         n, m, s = self.n, self.mean, self.sigma

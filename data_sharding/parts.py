@@ -7,7 +7,7 @@ conversion resumes by skipping finished parts. The merge (``writer.py``) then st
 into the store in global group order with one contiguous read per part and merge block.
 
 Layout of a part directory (all little-endian raw arrays, dtypes fixed in ``schema.DTYPES``):
-    meta.json       n, nnz, segments [[context, batch, perturbation, count], ...], categories,
+    meta.json       n, nnz, segments [[context, batch, perturbation, cells, nnz], ...], categories,
                     cell_id itemsize, source (file, rows)
     indptr.bin      int64 [n + 1]
     indices.bin     int32 [nnz]
@@ -103,8 +103,9 @@ def write_part(part_dir: Path, part: PartData, num_genes: int, value_kind: str, 
             change[1:] |= k[1:] != k[:-1]
         starts = np.flatnonzero(change)
         counts = np.diff(np.append(starts, part.n))
-        segments = [[str(sorted_keys[0][s]), str(sorted_keys[1][s]), str(sorted_keys[2][s]), int(c)]
-                    for s, c in zip(starts, counts)]
+        seg_nnz = indptr[starts + counts] - indptr[starts]
+        segments = [[str(sorted_keys[0][s]), str(sorted_keys[1][s]), str(sorted_keys[2][s]), int(c), int(z)]
+                    for s, c, z in zip(starts, counts, seg_nnz)]
 
     categories = {}
     for col, values in part.categorical.items():

@@ -114,11 +114,17 @@ def plan(cfg: ShardConfig) -> Plan:
         md = pf.metadata
         if md.num_rows == 0:
             raise DataError(f, "contains no cells")
+        genes_col = [i for i in range(md.num_columns)
+                     if md.row_group(0).column(i).path_in_schema.split(".")[0] == "genes"][0]
+        rg_rows = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        rg_nnz = [md.row_group(i).column(genes_col).num_values for i in range(md.num_row_groups)]
         rg, first = 0, True
         while rg < md.num_row_groups:
-            stop, n = rg, 0
-            while stop < md.num_row_groups and (n == 0 or n + md.row_group(stop).num_rows <= cfg.cells_per_part):
-                n += md.row_group(stop).num_rows
+            stop, n, nnz = rg, 0, 0
+            while stop < md.num_row_groups and (n == 0 or (n + rg_rows[stop] <= cfg.cells_per_part
+                                                           and nnz + rg_nnz[stop] <= cfg.part_nnz)):
+                n += rg_rows[stop]
+                nnz += rg_nnz[stop]
                 stop += 1
             tasks.append({"file": str(f), "row_groups": [rg, stop], "hash": first})
             rg, first = stop, False

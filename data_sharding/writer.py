@@ -40,7 +40,7 @@ from .parts import PartReader
 
 # Cells are shuffled within each group (in windows of this many cells) so that runs of
 # store-adjacent cells are random samples of the group; the set sampler reads sets as a few runs.
-SHUFFLE_WINDOW = 1 << 16
+SHUFFLE_WINDOW = 1 << 13
 SHUFFLE_SEED = 20260220
 
 # Byte-shuffled LZ4 decompresses at GB/s, which is what random set reads need; zstd is ~2.5x
@@ -91,7 +91,8 @@ def hash_update(sha, values: np.ndarray) -> None:
         if len(values):
             sha.update(("\x00".join(values.tolist()) + "\x00").encode())
     else:
-        sha.update(values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes())
+        le = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))
+        sha.update(memoryview(le).cast("B"))
 
 
 def _array(group: zarr.Group, name: str, n: int, dtype, chunk: int, shard: int | None = None,
@@ -124,24 +125,35 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
     num_genes = len(gene_ids)
 
     # ---- global groups, categories and the segment table ---------------------------------
-    seg_keys, seg_part, seg_count = [], [], []
+    # Segments are (part, group) runs; kept as numpy arrays (a part's string list is dropped as
+    # soon as it is converted) so the table stays small even with millions of segments.
+    key_index: dict[tuple[str, str, str], int] = {}
+    seg_group_parts, seg_part_parts, seg_count_parts, seg_nnz_parts = [], [], [], []
     for p, r in enumerate(readers):
-        for c, b, q, k in r.meta["segments"]:
-            seg_keys.append((c, b, q))
-            seg_part.append(p)
-            seg_count.append(k)
-    keys = sorted(set(seg_keys))
-    key_index = {k: i for i, k in enumerate(keys)}
-    seg_group = np.array([key_index[k] for k in seg_keys], dtype=np.int64)
-    seg_part = np.array(seg_part, dtype=np.int64)
-    seg_count = np.array(seg_count, dtype=np.int64)
+        segs = r.meta.pop("segments")
+        seg_group_parts.append(np.fromiter((key_index.setdefault((c, b, q), len(key_index)) for c, b, q, _, _ in segs),
+                                           dtype=np.int64, count=len(segs)))
+        seg_count_parts.append(np.fromiter((k for _, _, _, k, _ in segs), dtype=np.int64, count=len(segs)))
+        seg_nnz_parts.append(np.fromiter((z for *_, z in segs), dtype=np.int64, count=len(segs)))
+        seg_part_parts.append(np.full(len(segs), p, dtype=np.int64))
+        del segs
+    keys = sorted(key_index)
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[[key_index[k] for k in keys]] = np.arange(len(keys))
+    del key_index
+    seg_group = rank[np.concatenate(seg_group_parts)] if seg_group_parts else np.zeros(0, np.int64)
+    seg_part = np.concatenate(seg_part_parts) if seg_part_parts else np.zeros(0, np.int64)
+    seg_count = np.concatenate(seg_count_parts) if seg_count_parts else np.zeros(0, np.int64)
+    seg_nnz = np.concatenate(seg_nnz_parts) if seg_nnz_parts else np.zeros(0, np.int64)
+    del seg_group_parts, seg_part_parts, seg_count_parts, seg_nnz_parts
     # rows of each segment inside its part
-    seg_src = np.zeros(len(seg_count), dtype=np.int64)
-    for p in range(len(readers)):
-        sel = np.flatnonzero(seg_part == p)
-        seg_src[sel] = np.concatenate([[0], np.cumsum(seg_count[sel])[:-1]]) if len(sel) else []
+    # (segments are in part order here, each part's in its own group order)
+    part_first = np.searchsorted(seg_part, seg_part, side="left")
+    csum = np.cumsum(seg_count) - seg_count
+    seg_src = csum - csum[part_first]
     order = np.lexsort((seg_part, seg_group))
-    seg_group, seg_part, seg_count, seg_src = (a[order] for a in (seg_group, seg_part, seg_count, seg_src))
+    seg_group, seg_part, seg_count, seg_src, seg_nnz = (a[order] for a in (seg_group, seg_part, seg_count, seg_src,
+                                                                            seg_nnz))
     seg_dst = np.concatenate([[0], np.cumsum(seg_count)[:-1]]).astype(np.int64)
     n_cells = int(seg_count.sum())
     nnz_total = sum(r.meta["nnz"] for r in readers)
@@ -201,10 +213,20 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
     unit_w = np.arange(len(unit_group)) - np.repeat(np.cumsum(per_group) - per_group, per_group)
     unit_start = g_start_all[unit_group] + unit_w * SHUFFLE_WINDOW
     unit_stop = np.minimum(unit_start + SHUFFLE_WINDOW, g_start_all[unit_group] + g_n_all[unit_group])
-    bounds = [0]
+    # Block ends: the last shuffle-unit boundary within block_cells cells and block_nnz nonzeros of
+    # the block start (at least one unit). Nonzeros before a unit start are exact when the unit
+    # starts a group (groups are whole segments) and interpolated within a segment otherwise.
+    seg_nnz_start = np.cumsum(seg_nnz) - seg_nnz
+    s_of = np.maximum(np.searchsorted(seg_dst, unit_start, side="right") - 1, 0)
+    unit_nnz = seg_nnz_start[s_of] + (unit_start - seg_dst[s_of]) * seg_nnz[s_of] / np.maximum(seg_count[s_of], 1)
+    unit_nnz = np.append(unit_nnz, float(seg_nnz.sum()))
+    unit_edges = np.append(unit_start, n_cells)
+    bounds, u = [0], 0
     while bounds[-1] < n_cells:
-        u = int(np.searchsorted(unit_start, bounds[-1] + max(1, cfg.block_cells), side="left"))
-        bounds.append(int(unit_start[u]) if u < len(unit_start) else n_cells)
+        by_nnz = int(np.searchsorted(unit_nnz, unit_nnz[u] + max(1, cfg.block_nnz), side="right")) - 1
+        by_cells = int(np.searchsorted(unit_edges, unit_edges[u] + max(1, cfg.block_cells), side="right")) - 1
+        u = max(u + 1, min(by_nnz, by_cells))
+        bounds.append(int(unit_edges[u]))
     n_blocks = len(bounds) - 1
     for bi in range(n_blocks):
         a, b = bounds[bi], bounds[bi + 1]

@@ -80,12 +80,16 @@ class ShardConfig:
     # tahoe
     control_drug: str = "DMSO_TF"
     # layout
-    cells_per_part: int = 200_000  # conversion unit: bounds memory per worker
+    # Conversion unit, bounding memory per worker: a part holds at most cells_per_part cells and
+    # (beyond its first row group / row) part_nnz nonzeros.
+    cells_per_part: int = 200_000
+    part_nnz: int = 1 << 24
     num_workers: int = 2
     chunk_nnz: int = 1 << 15  # Zarr chunk of X/indices and X/data (~ a run of cells; see data.run_cells)
     shard_nnz: int = 1 << 24  # Zarr shard (file) of X/indices and X/data
     chunk_cells: int = 1 << 16  # Zarr chunk of per-cell arrays
-    block_cells: int = 1 << 18  # cells assembled per merge step (bounds merge memory)
+    block_cells: int = 1 << 18  # cells assembled per merge step (bounds merge memory) ...
+    block_nnz: int = 1 << 25  # ... and nonzeros per merge step
     compressor: str = "lz4"  # lz4 (fast reads) | zstd (smaller) | none (fastest reads, ~2x disk)
     hvg: HVGConfig = field(default_factory=HVGConfig)
     keep_work: bool = False  # keep the per-part intermediates after success
