@@ -101,10 +101,12 @@ def verify(store: str | Path, sources: str | Path | None = None, log: Callable[[
         raise DataError(store, f"{CONDITIONS_FILE} does not tile the cells contiguously")
     for col in GROUP_COLUMNS:
         cats = as_numpy(root[f"obs/{col}/categories"][:]).astype(str)
-        expected = np.repeat(np.searchsorted(cats, cond[col].to_numpy().astype(str)), cond["n"].to_numpy())
+        group_codes = np.searchsorted(cats, cond[col].to_numpy().astype(str))
         codes = root[f"obs/{col}/codes"]
-        for a in range(0, n, STEP):
-            if not np.array_equal(np.asarray(codes[a:a + STEP]), expected[a:a + STEP]):
+        for a in range(0, n, STEP):  # windowed: memory O(STEP), not O(cells)
+            rows = np.arange(a, min(n, a + STEP))
+            expected = group_codes[np.searchsorted(starts, rows, side="right") - 1]
+            if not np.array_equal(np.asarray(codes[a:a + STEP]), expected):
                 raise DataError(store, f"obs/{col} codes do not match the condition index near row {a}")
     log(f"  ok {CONDITIONS_FILE}: {len(cond)} groups tile {n:,} cells")
 

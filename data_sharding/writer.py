@@ -30,7 +30,7 @@ from zarr.codecs import BloscCodec
 from perturbdiff.config import ShardConfig
 from perturbdiff.data.schema import (
     CELL_ID, CONDITION_COLUMNS, CONDITIONS_FILE, DTYPES, GROUP_COLUMNS, MANIFEST_FILE, N_GENES,
-    OBS_GROUP, SCHEMA_VERSION, STORE_ATTR, TOTAL_COUNTS, VALUES_COUNTS, VAR_GROUP, X_GROUP,
+    OBS_GROUP, SCHEMA_VERSION, STORE_ATTR, TOTAL_COUNTS, VAR_GROUP, X_GROUP,
 )
 
 from . import hvg

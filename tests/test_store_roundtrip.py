@@ -47,7 +47,6 @@ def test_tahoe_marker_stripped_and_nnz(tahoe_src, tahoe_store):
     assert np.all(data > 0) and np.all(data == np.round(data))
     assert len(data) == tahoe_src.nnz == st.manifest["nnz"] == int(indptr[-1])
     # per-cell gene count and total: the marker is not a gene and not a count
-    ids = st.obs("cell_id")
     src = tahoe_in_store_order(tahoe_src, tahoe_store)
     np.testing.assert_array_equal(st.obs(schema.N_GENES), (src > 0).sum(axis=1))
     np.testing.assert_array_equal(st.obs(schema.TOTAL_COUNTS), src.sum(axis=1).astype(np.float64))
@@ -246,7 +245,6 @@ def _reference_norm(counts: np.ndarray, norm: NormalizeConfig) -> np.ndarray:
                                   NormalizeConfig(target_sum=1e4, log1p=False, scale=2.0)])
 def test_read_dense_normalisation_matches_reference(tahoe_src, tahoe_store, norm):
     st = CellStore(tahoe_store)
-    ids = st.obs("cell_id")
     src = tahoe_in_store_order(tahoe_src, tahoe_store)
     zero_row = int(np.flatnonzero(src.sum(axis=1) == 0)[0])
     rng = np.random.default_rng(0)

@@ -136,8 +136,44 @@ class ChunkReader:
 
     def take(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Concatenation of [s, s + l) for each (s, l); adjacent ranges are read as one."""
-        return np.concatenate([self[a:b] for a, b in merge_ranges(starts, lengths)] or
-                              [np.zeros(0, dtype=self.dtype)])
+        runs = merge_ranges(starts, lengths)
+        if not self.compressed:
+            return self._take_raw(runs)
+        return np.concatenate([self[a:b] for a, b in runs] or [np.zeros(0, dtype=self.dtype)])
+
+    def _take_raw(self, runs: list[tuple[int, int]]) -> np.ndarray:
+        """Uncompressed chunks: pread exactly the bytes of each range into one output buffer."""
+        total = sum(b - a for a, b in runs)
+        out = np.empty(total, dtype=self.dtype)
+        view = memoryview(out).cast("B")
+        isz, pos = self.dtype.itemsize, 0
+        for a, b in runs:
+            while a < b:
+                k = a // self.chunk
+                stop = min(b, (k + 1) * self.chunk)
+                where = self._chunk_location(k)
+                n = stop - a
+                if where is None:
+                    out[pos:pos + n] = self.fill
+                else:
+                    fd, base = where
+                    got = os.preadv(fd, [view[pos * isz:(pos + n) * isz]], base + (a - k * self.chunk) * isz)
+                    if got != n * isz:
+                        raise OSError(f"short read in {self.dir} chunk {k}")
+                pos += n
+                a = stop
+        return out
+
+    def _chunk_location(self, k: int) -> tuple[int, int] | None:
+        """(file descriptor, byte offset) of uncompressed chunk k, or None if never written."""
+        if self.per_shard:
+            shard, inner = divmod(k, self.per_shard)
+            index = self._shard_index(shard)
+            if index is None or index[inner, 0] == _EMPTY:
+                return None
+            return self._fd(shard), int(index[inner, 0])
+        fd = self._fd(k)
+        return None if fd is None else (fd, 0)
 
     def __getitem__(self, sl: slice) -> np.ndarray:
         a, b, step = sl.indices(self.size)
