@@ -91,6 +91,19 @@ def cmd_export(cfg: RunConfig) -> None:
     save_config(cfg, cfg.wds.out)
 
 
+def _demo_holdout(source: Path):
+    """The synthetic data's 4 strongest drug-dose effects in one cell line: a (context x
+    perturbation) held-out split in the paper's style, whatever the synthetic size settings."""
+    import pandas as pd
+
+    from .config import HoldoutRule
+
+    cond = pd.read_parquet(source / "ground_truth" / "conditions.parquet")
+    line = sorted(cond["cell_line_id"].unique())[-1]
+    top = cond[cond["cell_line_id"] == line].sort_values("effect_norm", ascending=False).head(4)
+    return HoldoutRule(contexts=[str(line)], perturbations=[str(p) for p in top["drugname_drugconc"]])
+
+
 def cmd_demo(cfg: RunConfig, overwrite: bool) -> None:
     """Main job on the embedded default: synthesise -> shard -> verify -> stream sets -> WebDataset."""
     from data_sharding.convert import convert
@@ -107,10 +120,16 @@ def cmd_demo(cfg: RunConfig, overwrite: bool) -> None:
     print(f"[1/5] synthesise {cfg.synth.num_cells:,} cells x {cfg.synth.num_genes:,} genes "
           f"(Tahoe-100M parquet schema) -> {cfg.synth.out_dir}")
     generate(cfg.synth)
+    if not cfg.data.split.test and not cfg.data.split.val:
+        cfg.data.split.test = [_demo_holdout(Path(cfg.synth.out_dir))]
+        rule = cfg.data.split.test[0]
+        print(f"      held out for testing: {len(rule.perturbations)} drug-dose conditions in {rule.contexts[0]}")
+    save_config(cfg, out)
     print(f"[2/5] shard -> {cfg.shard.out}")
     if not cfg.shard.inputs:
         cfg.shard.inputs = [cfg.synth.out_dir]
     convert(cfg.shard, overwrite=overwrite)
+    save_config(cfg, cfg.shard.out)
     print("[3/5] verify the store against its manifest")
     summary = verify(cfg.shard.out, cfg.synth.out_dir, log=lambda s: None)
     print(f"      ok: {summary['num_cells']:,} cells, {summary['num_groups']:,} groups, "
@@ -119,6 +138,7 @@ def cmd_demo(cfg: RunConfig, overwrite: bool) -> None:
     stats = stream_throughput(cfg)
     print(f"[5/5] export {cfg.wds.epochs} epoch(s) of training sets to WebDataset and stream them")
     manifest = export_wds(cfg.data, cfg.wds, log=lambda s: None)
+    save_config(cfg, cfg.wds.out)
     loader, _ = wds_loader(cfg.wds.out, sets_per_batch=cfg.data.sets_per_batch,
                            num_workers=cfg.data.num_workers)
     t1, sets = time.perf_counter(), 0
@@ -131,7 +151,8 @@ def cmd_demo(cfg: RunConfig, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("demo", "main job on the embedded default"), ("synth", "write a synthetic dataset"),
                         ("shard", "convert a source into a store"), ("export-wds", "export sets to WebDataset"),
