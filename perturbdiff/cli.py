@@ -15,6 +15,7 @@ the only part of ``perturbdiff`` that calls into ``data_sharding``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -119,7 +120,14 @@ def cmd_demo(cfg: RunConfig, overwrite: bool) -> None:
     save_config(cfg, out)
     print(f"[1/5] synthesise {cfg.synth.num_cells:,} cells x {cfg.synth.num_genes:,} genes "
           f"(Tahoe-100M parquet schema) -> {cfg.synth.out_dir}")
-    generate(cfg.synth)
+    if overwrite:
+        shutil.rmtree(cfg.synth.out_dir, ignore_errors=True)
+    try:
+        summary = generate(cfg.synth)
+    except ValueError as err:
+        raise ConfigError(f"{err} (pass --overwrite to replace it, or choose another out_dir=...)") from None
+    # a (re)generated source makes any existing store stale
+    overwrite = overwrite or summary["num_written"] > 0
     if not cfg.data.split.test and not cfg.data.split.val:
         cfg.data.split.test = [_demo_holdout(Path(cfg.synth.out_dir))]
         rule = cfg.data.split.test[0]
