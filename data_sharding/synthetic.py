@@ -558,7 +558,7 @@ def load_ground_truth(source_dir) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: python -m data_sharding.synthetic out_dir=/tmp/synth num_cells=100000 num_workers=2
+# Command line: python -m data_sharding.synthetic out_dir=runs/synth num_cells=100000 num_workers=2
 # ---------------------------------------------------------------------------------------------
 
 

@@ -322,7 +322,7 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
         "n": g_n,
     })[list(CONDITION_COLUMNS)]
     conditions.to_parquet(tmp / CONDITIONS_FILE, index=False)
-    checksums[CONDITIONS_FILE] = {"sha256": _file_sha256(tmp / CONDITIONS_FILE)}
+    checksums[CONDITIONS_FILE] = {"sha256": file_sha256(tmp / CONDITIONS_FILE)}
 
     num_top = min(cfg.hvg.num_top_genes, num_genes)
     manifest = {
@@ -357,15 +357,13 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
     return manifest
 
 
-def _file_sha256(path: Path, bufsize: int = 1 << 22) -> str:
+def file_sha256(path: Path, bufsize: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
 
-
-file_sha256 = _file_sha256
 
 
 def _fault_point(name: str, index: int) -> None:
