@@ -74,6 +74,7 @@ def export_wds(data_cfg: DataConfig, cfg: WdsConfig, log: Callable[[str], None] 
             meta = {"group": s.group, "context": row.context, "batch": row.batch,
                     "perturbation": row.perturbation, "codes": loader.group_codes[s.group].tolist(),
                     "epoch": epoch, "index": pos, "n": len(s.rows), "n_ctrl": len(s.ctrl_rows),
+                    "numeric": {c: float(v[s.group]) for c, v in loader.group_numeric.items()},
                     "rows": s.rows.tolist(), "ctrl_rows": s.ctrl_rows.tolist()}
             sink.write({"__key__": f"e{epoch:04d}_s{pos:09d}",
                         "x.npz": _csr_payload(store, s.rows, panel_map),

@@ -200,6 +200,9 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
     for c in num_cols:
         app[f"obs/{c}"] = Appender(_array(og, c, n_cells, "float64", cc), cc)
     app["X/indptr"].append(np.zeros(1, dtype=np.int64))
+    group_sums = {c: np.zeros(len(keys)) for c in num_cols}  # -> per-group values (e.g. dose)
+    group_min = {c: np.full(len(keys), np.inf) for c in num_cols}
+    group_max = {c: np.full(len(keys), -np.inf) for c in num_cols}
 
     # ---- stream blocks ----------------------------------------------------------------------
     seg_end = seg_dst + seg_count
@@ -281,9 +284,15 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
         for c in cat_cols:
             codes = np.concatenate([remap[p][c][bufs[p]["categorical"][c]] for p in plist])
             app[f"obs/{c}/codes"].append(codes[rows])
-        for c in num_cols:
-            app[f"obs/{c}"].append(np.concatenate([bufs[p]["numeric"][c] for p in plist])[rows])
         grp = np.repeat(seg_group[sl], hi - lo)
+        for c in num_cols:
+            values = np.concatenate([bufs[p]["numeric"][c] for p in plist])[rows]
+            app[f"obs/{c}"].append(values)
+            group_sums[c] += np.bincount(grp, weights=values, minlength=len(keys))
+            if len(grp):  # rows are in group order: one reduceat per group run
+                runs = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]])
+                np.minimum.at(group_min[c], grp[runs], np.minimum.reduceat(values, runs))
+                np.maximum.at(group_max[c], grp[runs], np.maximum.reduceat(values, runs))
         for i, c in enumerate(GROUP_COLUMNS):
             app[f"obs/{c}/codes"].append(group_code_table[grp, i])
         if clipped is not None:
@@ -321,6 +330,9 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
         "stop": g_start + g_n,
         "n": g_n,
     })[list(CONDITION_COLUMNS)]
+    for c in num_cols:  # numeric covariates of each group: its cells' value if they share one, else the mean
+        mean = group_sums[c] / np.maximum(g_n, 1)
+        conditions[c] = np.where(group_min[c] == group_max[c], group_min[c], mean)
     conditions.to_parquet(tmp / CONDITIONS_FILE, index=False)
     checksums[CONDITIONS_FILE] = {"sha256": file_sha256(tmp / CONDITIONS_FILE)}
 

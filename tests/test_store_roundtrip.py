@@ -113,7 +113,11 @@ def test_tahoe_extra_obs(tahoe_src, tahoe_store):
 def test_groups_contiguous_and_conditions_match_obs_codes(tahoe_src, tahoe_store):
     st = CellStore(tahoe_store)
     cond = st.conditions
-    assert list(cond.columns) == list(schema.CONDITION_COLUMNS)
+    fixed = len(schema.CONDITION_COLUMNS)
+    assert list(cond.columns[:fixed]) == list(schema.CONDITION_COLUMNS)
+    # then one column per numeric obs of the source (the Tahoe dose), never the per-cell stats
+    numeric = [c for c in st.manifest["numeric_obs"] if c not in (schema.TOTAL_COUNTS, schema.N_GENES)]
+    assert list(cond.columns[fixed:]) == numeric == ["dose"]
     np.testing.assert_array_equal(cond["group_id"], np.arange(len(cond)))
     # the row ranges tile [0, N) in table order
     assert cond["start"].iloc[0] == 0 and cond["stop"].iloc[-1] == st.num_cells

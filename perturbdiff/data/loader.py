@@ -14,6 +14,7 @@ Batch (dict of tensors):
     ctrl_mask  bool    [B, M]
     context, batch, perturbation  int64 [B]  codes into the store's categories
     group      int64 [B]  conditions-table row;  index  int64 [B]  position in the epoch order
+    num_<c>    float32 [B]  numeric covariates of the group (conditions.parquet columns, e.g. num_dose)
     rows, ctrl_rows  int64 [B, M]  store rows (-1 where masked), for tracing and tests
 """
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from perturbdiff.config import DataConfig
 
 from .sampler import SetSampler, SetSpec, num_batches
+from .schema import CONDITION_COLUMNS
 from .splits import TRAIN, assign_splits, check_no_leakage
 from .store import CellStore
 
@@ -40,7 +42,7 @@ class _SetDataset(IterableDataset):
     def __init__(self, loader: "SetLoader", epoch: int, first: int):
         self.store_path = loader.store.path
         self.sampler, self.cfg = loader.sampler, loader.cfg
-        self.panel, self.codes = loader.panel, loader.group_codes
+        self.panel, self.codes, self.numeric = loader.panel, loader.group_codes, loader.group_numeric
         self.positions = loader.positions(epoch)
         self.epoch, self.first, self.total = epoch, first, loader.num_batches(epoch)
 
@@ -55,11 +57,11 @@ class _SetDataset(IterableDataset):
                 continue
             pos = self.positions[j * B:(j + 1) * B]
             sets = [self.sampler.materialize(self.epoch, int(i), group[i], k[i]) for i in pos]
-            yield collate(store, sets, self.panel, self.cfg, self.codes)
+            yield collate(store, sets, self.panel, self.cfg, self.codes, self.numeric)
 
 
 def collate(store: CellStore, sets: list[SetSpec], panel: np.ndarray, cfg: DataConfig,
-            group_codes: np.ndarray) -> dict[str, torch.Tensor]:
+            group_codes: np.ndarray, group_numeric: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     B, M, P = len(sets), cfg.set_size, len(panel)
     x = np.zeros((B, M, P), dtype=np.float32)
     ctrl = np.zeros((B, M, P), dtype=np.float32)
@@ -71,7 +73,8 @@ def collate(store: CellStore, sets: list[SetSpec], panel: np.ndarray, cfg: DataC
         ctrl[b, :c] = store.read_dense(s.ctrl_rows, panel, cfg.normalize)
         rows[b, :n], ctrl_rows[b, :c] = s.rows, s.ctrl_rows
     groups = np.array([s.group for s in sets], dtype=np.int64)
-    return {
+    numeric = {f"num_{c}": torch.from_numpy(v[groups].astype(np.float32)) for c, v in (group_numeric or {}).items()}
+    return numeric | {
         "x": torch.from_numpy(x), "mask": torch.from_numpy(rows >= 0),
         "ctrl": torch.from_numpy(ctrl), "ctrl_mask": torch.from_numpy(ctrl_rows >= 0),
         "context": torch.from_numpy(group_codes[groups, 0].copy()),
@@ -105,6 +108,7 @@ class SetLoader:
         self.group_codes = np.stack([
             np.searchsorted(self.store.categories(c), cond[c].to_numpy().astype(str)) for c in
             ("context", "batch", "perturbation")], axis=1).astype(np.int64)
+        self.group_numeric = {c: cond[c].to_numpy(np.float64) for c in cond.columns if c not in CONDITION_COLUMNS}
         self.epoch, self.next_batch = 0, 0
 
     # ---- sizes --------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ CONDITION_COLUMNS = (
     "stop",  # int64, one past the last cell row
     "n",  # int64, stop - start
 )
+# ...followed by one float64 column per numeric obs column of the source (its group mean), e.g.
+# the Tahoe dose: the groups' numeric covariates.
 
 # Value kinds of X/data.
 VALUES_COUNTS = "counts"  # raw integer counts (stored as float32)

@@ -62,6 +62,8 @@ def _decode(sample: dict, num_panel: int, set_size: int, normalize: NormalizeCon
     c = meta["codes"]
     out.update(context=c[0], batch=c[1], perturbation=c[2], group=meta["group"], index=meta["index"],
                epoch=meta["epoch"])
+    for name, value in meta.get("numeric", {}).items():
+        out[f"num_{name}"] = np.float32(value)
     return out
 
 
@@ -71,8 +73,12 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
         if key.startswith("__"):  # webdataset bookkeeping (__key__, __url__)
             continue
         values = [s[key] for s in samples]
-        out[key] = torch.from_numpy(np.stack(values)) if isinstance(values[0], np.ndarray) else \
-            torch.tensor(values, dtype=torch.int64)
+        if isinstance(values[0], np.ndarray):
+            out[key] = torch.from_numpy(np.stack(values))
+        elif isinstance(values[0], np.floating):
+            out[key] = torch.tensor(np.array(values, dtype=np.float32))
+        else:
+            out[key] = torch.tensor(values, dtype=torch.int64)
     return out
 
 
