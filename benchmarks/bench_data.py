@@ -85,12 +85,13 @@ def bench_shard(args) -> dict:
     src = synth(work, args.cells, args.genes, args.workers, h5ad=False, args=args)
     store = work / f"store_{args.cells}.zarr"
     overrides = [f"shard.inputs=[{src}]", f"shard.out={store}", f"shard.num_workers={args.workers}",
-                 "shard.cells_per_part=100000", "shard.hvg.num_top_genes=2000"]
+                 "shard.cells_per_part=100000", "shard.hvg.num_top_genes=2000", f"shard.compressor={args.compressor}"]
     dt, peak = run_measured([sys.executable, "-m", "perturbdiff.cli", "shard", "--overwrite", *overrides])
     manifest = json.loads((store / "manifest.json").read_text())
     src_bytes = sum(p.stat().st_size for p in (src / "data").glob("*.parquet"))
     store_bytes = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
-    res = {"cells": manifest["num_cells"], "genes": manifest["num_genes"], "nnz": manifest["nnz"],
+    res = {"compressor": args.compressor, "cells": manifest["num_cells"], "genes": manifest["num_genes"],
+           "nnz": manifest["nnz"],
            "groups": manifest["num_groups"], "workers": args.workers, "seconds": round(dt, 1),
            "cells_per_s": round(manifest["num_cells"] / dt), "peak_rss_gib": round(peak / 2**30, 3),
            "source_gib": round(src_bytes / 2**30, 2), "store_gib": round(store_bytes / 2**30, 2)}
@@ -234,7 +235,7 @@ def main() -> None:
     p.add_argument("--plates", type=int, default=2)
     p.add_argument("--run-cells", type=int, default=32, help="reads: data.run_cells")
     p.add_argument("--chunk-nnz", type=int, default=1 << 15, help="reads: shard.chunk_nnz of the store")
-    p.add_argument("--compressor", default="none", help="reads: shard.compressor of the store")
+    p.add_argument("--compressor", default="none", help="shard / reads: shard.compressor of the store")
     p.add_argument("--work", default=os.environ.get("PERTURBDIFF_BENCH_DIR", "runs/bench"))
     args = p.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
