@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+import torch
+
+# Triton kernels run in the CPU interpreter when there is no GPU; this must be set before anything
+# imports triton (see ../shared/reference/infra.md).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest
