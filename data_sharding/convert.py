@@ -127,8 +127,9 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
     hashes: dict[str, str] = {}
     rows: dict[str, int] = {}
     for p in part_dirs:
-        src = json.loads((p / "meta.json").read_text())["source"]
-        rows[src["file"]] = rows.get(src["file"], 0) + json.loads((p / "meta.json").read_text())["n"]
+        meta = json.loads((p / "meta.json").read_text())
+        src = meta["source"]
+        rows[src["file"]] = rows.get(src["file"], 0) + meta["n"]
         if "sha256" in src:
             hashes[src["file"]] = src["sha256"]
     sources = [{"path": f.name, "sha256": hashes.get(str(f)), "bytes": f.stat().st_size,

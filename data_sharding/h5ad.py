@@ -52,6 +52,29 @@ def _obs_column(f: h5py.File, col: str, path: Path, what: str) -> np.ndarray:
     return np.asarray(values)
 
 
+def _obs_rows(f: h5py.File, key: str, path: Path, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of an obs column, reading only that slice where the encoding allows it
+    (categorical codes, plain and string datasets); other encodings are read whole, then sliced."""
+    elem = f[key]
+    enc = elem.attrs.get("encoding-type", "")
+    try:
+        if isinstance(elem, h5py.Group) and enc == "categorical":
+            cats = np.asarray(ad.io.read_elem(elem["categories"]))
+            codes = np.asarray(elem["codes"][a:b]).astype(np.int64)
+            if (codes < 0).any():  # missing values, as pandas shows them
+                out = cats.astype(object)[np.maximum(codes, 0)]
+                out[codes < 0] = np.nan
+                return out
+            return cats[codes]
+        if isinstance(elem, h5py.Dataset):
+            if h5py.check_string_dtype(elem.dtype) is not None:
+                return np.asarray(elem.asstr()[a:b], dtype=object)
+            return np.asarray(elem[a:b])
+    except Exception as err:  # noqa: BLE001 - damaged files raise many kinds
+        raise DataError(path, f"cannot read {key!r} rows {a}..{b} (truncated or damaged file?): {err}") from None
+    return np.asarray(_read_elem(f, key, path))[a:b]
+
+
 def _x_rows(f: h5py.File, path: Path, start: int, stop: int) -> sp.csr_matrix:
     x = f["X"]
     try:
@@ -191,11 +214,10 @@ def convert_task(task: dict, shared: dict) -> PartData:
         def obs(col: str | None, default: str) -> np.ndarray:
             if not col:
                 return np.full(n, default)
-            return np.asarray(_read_elem(f, f"obs/{col}", path))[a:b]
+            return _obs_rows(f, f"obs/{col}", path, a, b)
 
         index_name = f["obs"].attrs.get("_index", "_index")
-        cell_id = obs(cols["cell_id"], "") if cols["cell_id"] else \
-            np.asarray(_read_elem(f, f"obs/{index_name}", path))[a:b]
+        cell_id = obs(cols["cell_id"] or index_name, "")
         categorical, numeric = {}, {}
         for c in cols["extra"]:
             v = obs(c, "")

@@ -18,7 +18,7 @@ from perturbdiff.data.store import CellStore
 
 H5AD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "perturbench_devel_norman19_mcfaline23.h5ad"
 
-pytestmark = pytest.mark.skipif(not H5AD.is_file(), reason=f"real development h5ad not present at {H5AD}")
+pytestmark = pytest.mark.skipif(not H5AD.is_file(), reason=f"../shared is absent: real development h5ad not found at {H5AD}")
 
 
 @pytest.fixture(scope="module")

@@ -144,18 +144,19 @@ def as_numpy(values) -> np.ndarray:
 
 
 def to_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, panel_map: np.ndarray, num_panel: int,
-             normalize: NormalizeConfig, value_kind: str) -> np.ndarray:
-    """CSR rows over the full vocabulary -> normalised dense [rows, P] float32.
+             normalize: NormalizeConfig, value_kind: str, totals: np.ndarray | None = None) -> np.ndarray:
+    """CSR rows -> normalised dense [rows, P] float32.
 
     counts: x -> log1p(x / total * target_sum) / scale, where total sums ALL genes of the cell
-    (not just the panel), as normalize_total does; log-normalised stores: x -> x / scale.
+    (not just the panel), as normalize_total does: the rows' own sums when they hold the full
+    vocabulary, else ``totals`` [rows]; log-normalised stores: x -> x / scale.
     """
     n = len(indptr) - 1
     lengths = np.diff(indptr)
     row = np.repeat(np.arange(n), lengths)
     x = data.astype(np.float32)
     if value_kind == VALUES_COUNTS:
-        total = np.bincount(row, weights=x, minlength=n)
+        total = np.bincount(row, weights=x, minlength=n) if totals is None else np.asarray(totals, np.float64)
         factor = np.divide(normalize.target_sum, total, out=np.zeros(n), where=total > 0).astype(np.float32)
         x = x * factor[row]
         if normalize.log1p:

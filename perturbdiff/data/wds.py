@@ -43,17 +43,8 @@ def _decode(sample: dict, num_panel: int, set_size: int, normalize: NormalizeCon
         with np.load(io.BytesIO(sample[f"{name}.npz"])) as z:
             indptr, indices, data, total = z["indptr"], z["indices"], z["data"], z["total"]
         n = len(indptr) - 1
-        if value_kind == "counts":
-            # normalise by the cell's total over ALL genes (stored), as the store loader does
-            lengths = np.diff(indptr)
-            row = np.repeat(np.arange(n), lengths)
-            factor = np.divide(normalize.target_sum, total, out=np.zeros(n, np.float32), where=total > 0)
-            x = data * factor[row]
-            x = np.log1p(x) if normalize.log1p else x
-            dense = to_dense(indptr, indices, x, identity, num_panel,
-                             NormalizeConfig(target_sum=1.0, log1p=False, scale=normalize.scale), "lognorm")
-        else:
-            dense = to_dense(indptr, indices, data, identity, num_panel, normalize, value_kind)
+        # values are on the panel only: normalise by each cell's stored total over ALL genes
+        dense = to_dense(indptr, indices, data, identity, num_panel, normalize, value_kind, totals=total)
         padded = np.zeros((set_size, num_panel), dtype=np.float32)
         padded[:n] = dense
         mask = np.zeros(set_size, dtype=bool)
