@@ -181,6 +181,56 @@ class StreamConfig:
     split: str = "train"
 
 
+# ---------------------------------------------------------------------------------------------
+# Model and diffusion (issue 3)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The MM-DiT denoiser. ``size`` picks a preset (perturbdiff/models/presets.py); the explicit
+    depth / width / heads below override it when set."""
+
+    size: str = "tiny"  # tiny | small | paper | large | xl
+    depth: Optional[int] = None
+    width: Optional[int] = None
+    heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    dropout: float = 0.0
+    cov_dim: int = 128  # width of each covariate branch before they are combined
+    # Perturbation representation: "id" (a learned embedding per perturbation in the vocabulary) or
+    # "table" (a fixed feature vector per perturbation from perturbation_table, projected by an MLP,
+    # so perturbations unseen in training but present in the table can be predicted).
+    perturbation_encoding: str = "id"
+    perturbation_table: Optional[str] = None  # .parquet: a "perturbation" column + numeric feature columns
+    numeric_covariates: list[str] = field(default_factory=lambda: ["dose"])  # batch keys num_<name>
+    log_numeric: bool = True  # numeric covariates enter as log1p(value) (doses span orders of magnitude)
+    output_activation: str = "relu"  # relu | none
+    self_condition: bool = True  # gene input is [x_t, previous x0] (2G wide)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear (betas beta_start..beta_end, scaled by 1000/T) | cosine
+    steps: int = 1000  # T
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    p_self_cond: float = 0.5  # per set
+    p_drop_cond: float = 0.5  # covariates dropped for classifier-free guidance, per set
+    p_drop_control: float = 0.0  # control stream dropped, per set (1.0 for marginal pretraining)
+    mmd_weight: float = 1.0  # lambda
+    kernel: str = "energy"  # energy | gaussian | laplacian
+    bandwidths: list[float] = field(default_factory=lambda: [1.0])  # gaussian / laplacian, in RMS-per-gene units
+    mmd_unbiased: bool = False
+    kme_impl: str = "auto"  # auto | triton | torch
+    # Sampling
+    sample_steps: int = 100  # K respaced DDIM steps from t = T
+    respacing: str = "uniform"  # uniform (T-1 .. 0 over K steps) | released (the released code's t = K-1 .. 0)
+    guidance: float = 1.0  # w: eps = (1 + w) eps_cond - w eps_uncond
+    cutoff: float = 1e-4  # predicted x0 below this is set to 0
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -190,6 +240,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     wds: WdsConfig = field(default_factory=WdsConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The torch reference for kernel mean embeddings and MMD (perturbdiff/ops/kme.py): known answers in
+"""The torch reference for kernel mean embeddings and MMD (perturbdiff/ops/kme_reference.py): known answers in
 float64 against explicit formulas, masking with garbage padding, permutations, edge cases, gradients."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from perturbdiff.ops.kme import KERNELS, kme, mmd2, pairwise_kernel
+from perturbdiff.ops.kme_reference import KERNELS, kme, mmd2, pairwise_kernel
 
 BANDWIDTHS = (0.7, 1.9)
 

@@ -1,97 +1,131 @@
-"""Kernel mean embeddings and MMD between batched, ragged cell sets: the plain-torch specification.
+"""Kernel mean embeddings and MMD between batched, ragged cell sets: the ops the model trains with.
 
-Shape legend: B sets, N cells in X, M cells in Y, D features (genes).
+Same definitions and signatures as the specification in kme_reference.py (read that first), with a
+choice of implementation:
 
-A set X_b = {x_i} is embedded by its kernel mean embedding mu_X = (1/n) sum_i k(x_i, .). This file
-gives the obviously-correct torch reference that the Triton kernels (kernels/, issue 3) are tested
-against:
+    impl = "triton"  fused Triton kernels (kernels/kme.py): no N x M matrix in memory, forward and backward
+    impl = "torch"   plain torch through a Gram matrix: [B, N, M] in memory, autograd for the backward
+    impl = "auto"    Triton on CUDA (when triton is installed), torch otherwise
 
-- ``kme(x, y)``: mu_X evaluated at the points of Y: out[b, j] = mean_i k(x_bi, y_bj)        [B, M]
-- ``mmd2(x, y)``: ||mu_X - mu_Y||^2 in the RKHS                                          [B]
-    biased (V-statistic):   mean_{i,i'} k(x_i, x_i') + mean_{j,j'} k(y_j, y_j') - 2 mean_{i,j} k(x_i, y_j)
-    unbiased (U-statistic): the same with the i = i' and j = j' terms left out of the first two means
+Both reduce to one primitive, the weighted kernel column sum S[b, j] = sum_i w_i k(a_bi, b_bj):
 
-Kernels (``bandwidths`` is a list; Gaussian and Laplacian sum over it):
-    energy     k(x, y) = -||x - y||            (the paper's choice; its MMD^2 is the energy distance)
-    gaussian   k(x, y) = sum_s exp(-||x - y||^2 / (2 s^2))
-    laplacian  k(x, y) = sum_s exp(-||x - y|| / s)
+    kme(x, y)  = S(x -> y) with w = mask_x / n
+    mmd2(x, y) = sum_j w'_j S(x -> x)_j + sum_j w'_j S(y -> y)_j - 2 sum_j (mask_y / m)_j S(x -> y)_j
 
-Ragged sets are padded and come with boolean masks ([B, N], [B, M]; True = real cell). Padded cells
-never contribute. A set with no real cell has an undefined embedding: kme gives 0 there and mmd2
-gives NaN; the U-statistic also needs two real cells in each set (NaN otherwise).
+where the within-set sums are self pairs (their diagonal is exact, or left out for the U-statistic,
+with w' = mask / (n - 1) instead of mask / n). Values are computed in fp32 (fp64 for fp64 inputs),
+outside any autocast region, and returned in that precision.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 
-KERNELS = ("energy", "gaussian", "laplacian")
+from .kme_reference import KERNELS, _masked, _safe_norm
+
+IMPLS = ("auto", "triton", "torch")
 
 
-def _safe_norm(d2: torch.Tensor) -> torch.Tensor:
-    """sqrt with a zero (not NaN) gradient at 0, where coincident points meet."""
-    pos = d2 > 0
-    return torch.where(pos, d2.clamp_min(torch.finfo(d2.dtype).tiny).sqrt(), torch.zeros_like(d2))
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def pairwise_kernel(x: torch.Tensor, y: torch.Tensor, kernel: str = "energy",
-                    bandwidths: Sequence[float] = (1.0,)) -> torch.Tensor:
-    """k(x_bi, y_bj) for all pairs: [B, N, D] x [B, M, D] -> [B, N, M], computed in x's dtype."""
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` means on ``device``: "triton" or "torch"."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kme impl {impl!r}: use one of {IMPLS}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError("kme impl='triton' needs triton (pip install perturbdiff[gpu]); use impl='torch'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"kme impl='triton' on {device.type} needs TRITON_INTERPRET=1 set before triton "
+                               "is imported (the CPU interpreter, slow; for tests); use impl='torch' on CPU")
+    return impl
+
+
+def _torch_colsums(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor, kernel: str,
+                   bandwidths: Sequence[float], skip_diagonal: bool = False) -> torch.Tensor:
+    """S[b, j] = sum_i w_i k(a_bi, b_bj) through a [B, N, M] Gram matrix (b=None: a self pair)."""
+    self_pair = b is None
+    b = a if self_pair else b
+    d2 = ((a * a).sum(-1)[:, :, None] + (b * b).sum(-1)[:, None, :]
+          - 2.0 * torch.bmm(a, b.transpose(1, 2))).clamp_min(0.0)  # [B, N, M]
+    eye = None
+    if self_pair:
+        eye = torch.eye(a.shape[1], dtype=torch.bool, device=a.device)
+        d2 = d2.masked_fill(eye, 0.0)  # exact zeros on the diagonal, whatever the rounding
+    if kernel == "energy":
+        k = -_safe_norm(d2)
+    elif kernel == "gaussian":
+        k = sum(torch.exp(-d2 / (2.0 * s * s)) for s in bandwidths)
+    else:
+        r = _safe_norm(d2)
+        k = sum(torch.exp(-r / s) for s in bandwidths)
+    if skip_diagonal:
+        k = k.masked_fill(eye, 0.0)
+    return torch.einsum("bn,bnm->bm", w, k)
+
+
+def _colsums_fn(impl: str):
+    if impl == "triton":
+        from perturbdiff_kernels.kme import kernel_colsums
+        return kernel_colsums
+    return _torch_colsums
+
+
+def _prepare(x, y, x_mask, y_mask, kernel, bandwidths, impl):
+    """Validated, padding-zeroed inputs in the accumulation dtype, masks as floats, the column-sum function."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}: use one of {KERNELS}")
     if kernel != "energy" and (not bandwidths or any(s <= 0 for s in bandwidths)):
         raise ValueError(f"{kernel} kernel needs positive bandwidths, got {list(bandwidths)}")
-    diff = x[:, :, None, :] - y[:, None, :, :]  # [B, N, M, D]
-    d2 = (diff * diff).sum(-1)  # [B, N, M]; exact (no |x|^2 + |y|^2 - 2xy cancellation)
-    if kernel == "energy":
-        return -_safe_norm(d2)
-    if kernel == "gaussian":
-        return sum(torch.exp(-d2 / (2.0 * s * s)) for s in bandwidths)
-    dist = _safe_norm(d2)
-    return sum(torch.exp(-dist / s) for s in bandwidths)
-
-
-def _masked(x: torch.Tensor, y: torch.Tensor, x_mask, y_mask):
-    """Masks as bool, and padded rows zeroed so garbage there (even NaN) reaches no value or gradient."""
-    if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
-        raise ValueError(f"expected x [B, N, D] and y [B, M, D], got {tuple(x.shape)} and {tuple(y.shape)}")
-    xm = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if x_mask is None else x_mask.bool()
-    ym = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device) if y_mask is None else y_mask.bool()
-    if xm.shape != x.shape[:2] or ym.shape != y.shape[:2]:
-        raise ValueError("masks must be [B, N] and [B, M]")
-    x = torch.where(xm[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    y = torch.where(ym[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-    return x, y, xm, ym
+    impl = resolve_impl(impl, x.device)
+    x, y, xm, ym = _masked(x, y, x_mask, y_mask)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if impl == "torch":  # Triton upcasts while loading; torch needs the upcast up front
+        x, y = x.to(acc), y.to(acc)
+    elif y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return x, y, xm.to(acc), ym.to(acc), _colsums_fn(impl), tuple(float(s) for s in bandwidths)
 
 
 def kme(x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor | None = None, y_mask: torch.Tensor | None = None,
-        kernel: str = "energy", bandwidths: Sequence[float] = (1.0,)) -> torch.Tensor:
+        kernel: str = "energy", bandwidths: Sequence[float] = (1.0,), impl: str = "auto") -> torch.Tensor:
     """The embedding of each X_b evaluated at the points of Y_b: [B, M] (0 at padded y or empty X)."""
-    x, y, xm, ym = _masked(x, y, x_mask, y_mask)
-    k = pairwise_kernel(x, y, kernel, bandwidths)  # [B, N, M]
-    w = xm.to(k.dtype)
-    n = w.sum(1).clamp_min(1.0)  # [B]
-    out = (k * w[:, :, None]).sum(1) / n[:, None]  # [B, M]
-    return out * ym.to(out.dtype)
-
-
-def _mean_pairs(k: torch.Tensor, a: torch.Tensor, b: torch.Tensor, drop_diagonal: bool) -> torch.Tensor:
-    """Mean of k[b, i, j] over real pairs (a_i and b_j), optionally without i == j."""
-    w = a.to(k.dtype)[:, :, None] * b.to(k.dtype)[:, None, :]  # [B, N, M]
-    if drop_diagonal:
-        w = w * (1.0 - torch.eye(k.shape[1], k.shape[2], dtype=k.dtype, device=k.device))
-    count = w.sum((1, 2))
-    total = (k * w).sum((1, 2))
-    return torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, float("nan")))
+    with torch.autocast(x.device.type, enabled=False):
+        x, y, xm, ym, colsums, bw = _prepare(x, y, x_mask, y_mask, kernel, bandwidths, impl)
+        n = xm.sum(1, keepdim=True).clamp_min(1.0)
+        return colsums(x, y, xm / n, kernel, bw) * ym
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, x_mask: torch.Tensor | None = None, y_mask: torch.Tensor | None = None,
-         kernel: str = "energy", bandwidths: Sequence[float] = (1.0,), unbiased: bool = False) -> torch.Tensor:
-    """Squared MMD between each X_b and Y_b: [B]. Biased (V) by default, unbiased (U) on request."""
-    x, y, xm, ym = _masked(x, y, x_mask, y_mask)
-    kxx = _mean_pairs(pairwise_kernel(x, x, kernel, bandwidths), xm, xm, unbiased)
-    kyy = _mean_pairs(pairwise_kernel(y, y, kernel, bandwidths), ym, ym, unbiased)
-    kxy = _mean_pairs(pairwise_kernel(x, y, kernel, bandwidths), xm, ym, False)
-    return kxx + kyy - 2.0 * kxy
+         kernel: str = "energy", bandwidths: Sequence[float] = (1.0,), unbiased: bool = False,
+         impl: str = "auto") -> torch.Tensor:
+    """Squared MMD between each X_b and Y_b: [B]. Biased (V) by default, unbiased (U) on request.
+
+    NaN for a set with no real cell (or fewer than two for the U-statistic), as in the reference."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, y, xm, ym, colsums, bw = _prepare(x, y, x_mask, y_mask, kernel, bandwidths, impl)
+        n, m = xm.sum(1), ym.sum(1)  # [B]
+        nan = torch.full_like(n, float("nan"))
+        n1, m1 = n.clamp_min(1.0)[:, None], m.clamp_min(1.0)[:, None]
+        if unbiased:
+            outer_x = xm / (n - 1.0).clamp_min(1.0)[:, None]
+            outer_y = ym / (m - 1.0).clamp_min(1.0)[:, None]
+            valid = (n >= 2) & (m >= 2)
+        else:
+            outer_x, outer_y = xm / n1, ym / m1
+            valid = (n >= 1) & (m >= 1)
+        kxx = (colsums(x, None, xm / n1, kernel, bw, unbiased) * outer_x).sum(1)
+        kyy = (colsums(y, None, ym / m1, kernel, bw, unbiased) * outer_y).sum(1)
+        kxy = (colsums(x, y, xm / n1, kernel, bw) * (ym / m1)).sum(1)
+        return torch.where(valid, kxx + kyy - 2.0 * kxy, nan)
