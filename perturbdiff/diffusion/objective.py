@@ -1,0 +1,96 @@
+"""The training objective: per-set x0 prediction, scored by a per-gene MSE plus lambda x MMD^2.
+
+For each set b of a batch (all coin flips are drawn PER SET, unlike the released code's per-batch flips):
+
+    t_b ~ U{0 .. T-1},  eps ~ N(0, I) per cell,  x_t = q_sample(x0, t, eps)
+    drop_cov_b  ~ Bernoulli(p_drop_cond)     covariates replaced by null tokens (classifier-free guidance)
+    drop_ctrl_b ~ Bernoulli(p_drop_control)  control stream left out (1.0 = marginal pretraining)
+    self_b      ~ Bernoulli(p_self_cond)     a first, gradient-free pass gives x0' fed back as input
+
+    mse_b = sum over real cells and genes of (x0_hat - x0)^2 / (n_b G)
+    mmd_b = MMD^2_k(x0_hat / sqrt(G), x0 / sqrt(G)) over real cells
+    loss  = mean_b (mse_b + lambda mmd_b)
+
+Both terms are per gene: the MSE is a mean over genes, and the MMD sees cells scaled by 1 / sqrt(G),
+so squared distances are mean squared per-gene differences and kernel bandwidths are in per-gene
+units; neither term grows with the panel size, and lambda keeps its meaning across panels. Padded
+cells enter neither term (nor attention: the network masks them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DiffusionConfig
+from ..ops.kme import mmd2
+from .schedule import NoiseSchedule
+
+CATEGORICAL_KEYS = ("context", "batch", "perturbation", "dataset")
+
+
+def covariates_from_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The covariate entries of a loader batch: categorical ids and numeric ``num_<name>`` values."""
+    return {k: v for k, v in batch.items() if k in CATEGORICAL_KEYS or k.startswith("num_")}
+
+
+@dataclass
+class LossTerms:
+    loss: torch.Tensor  # [] the scalar to minimise
+    mse: torch.Tensor  # [B] per set
+    mmd: torch.Tensor  # [B] per set (0 where undefined, e.g. a one-cell set with the U-statistic)
+    t: torch.Tensor  # [B] the timesteps drawn
+
+
+def _bernoulli(p: float, n: int, generator, device) -> torch.Tensor:
+    gen_device = generator.device if generator is not None else device
+    return (torch.rand(n, generator=generator, device=gen_device) < p).to(device)
+
+
+class SetDiffusion:
+    """The diffusion process around a network ``model(x_t, t, *, mask, ctrl, ctrl_mask, cov, self_cond,
+    drop_cov, drop_ctrl) -> x0_hat``; the network itself knows nothing of noise or schedules."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.cfg = cfg
+        self.schedule = NoiseSchedule(cfg.schedule, cfg.steps, cfg.beta_start, cfg.beta_end)
+
+    def set_errors(self, x0_hat: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mse [B], mmd [B]) between predicted and true sets [B, M, G] over the real cells (mask [B, M])."""
+        G = x0.shape[-1]
+        w = mask.to(torch.float32)
+        sq = ((x0_hat.float() - x0.float()) ** 2).sum(-1)  # [B, M]
+        mse = (sq * w).sum(1) / (w.sum(1).clamp_min(1.0) * G)
+        if self.cfg.mmd_weight == 0:
+            return mse, torch.zeros_like(mse)
+        scale = 1.0 / math.sqrt(G)
+        mmd = mmd2(x0_hat * scale, x0 * scale, mask, mask, self.cfg.kernel, tuple(self.cfg.bandwidths),
+                   self.cfg.mmd_unbiased, impl=self.cfg.kme_impl)
+        return mse, torch.nan_to_num(mmd, nan=0.0)
+
+    def loss(self, model, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> LossTerms:
+        """One training loss for a loader batch (keys x, mask, ctrl, ctrl_mask and the covariates)."""
+        cfg = self.cfg
+        x0, mask = batch["x"], batch["mask"].bool()
+        B, device = x0.shape[0], x0.device
+        gen_device = generator.device if generator is not None else device
+        t = torch.randint(0, cfg.steps, (B,), generator=generator, device=gen_device).to(device)
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(device, x0.dtype)
+        x_t = torch.where(mask[..., None], self.schedule.q_sample(x0, t, noise), torch.zeros((), dtype=x0.dtype,
+                                                                                             device=device))
+        drop_cov = _bernoulli(cfg.p_drop_cond, B, generator, device)
+        drop_ctrl = _bernoulli(cfg.p_drop_control, B, generator, device)
+        use_self = _bernoulli(cfg.p_self_cond, B, generator, device)
+        kwargs = dict(mask=mask, ctrl=batch["ctrl"], ctrl_mask=batch["ctrl_mask"].bool(),
+                      cov=covariates_from_batch(batch), drop_cov=drop_cov, drop_ctrl=drop_ctrl)
+        self_cond = None
+        if getattr(model, "self_condition", True) and bool(use_self.any()):
+            with torch.no_grad():
+                first = model(x_t, t.float(), self_cond=None, **kwargs)
+            self_cond = torch.where(use_self[:, None, None], first.detach(), torch.zeros_like(first))
+        x0_hat = model(x_t, t.float(), self_cond=self_cond, **kwargs)
+        mse, mmd = self.set_errors(x0_hat, x0, mask)
+        total = (mse + cfg.mmd_weight * mmd).mean()
+        return LossTerms(loss=total, mse=mse.detach(), mmd=mmd.detach(), t=t)
