@@ -22,8 +22,10 @@ Never is an N x M matrix written to memory. Tiling:
   builds the distances, then h, then adds h @ b into its own rows of the fp32 output, which it alone
   owns (so no atomics; a barrier orders each read-modify-write pass). No distance is recomputed.
 
-Accumulation is fp32 (fp64 for fp64 inputs, which exist for gradcheck); fp16 / bf16 inputs are
-upcast right after loading, as the CPU interpreter cannot compute in bf16.
+Accumulation is fp32 (fp64 for fp64 inputs, which exist for gradcheck). fp32 inputs use IEEE fp32
+dots (distances by |a|^2 + |b|^2 - 2 a.b need them). fp16 / bf16 inputs feed their 16-bit tiles to
+tl.dot (exact products, fp32 accumulation: tensor cores) and the backward's h @ b uses TF32; in
+the CPU interpreter, which cannot compute in bf16, bf16 tiles are upcast right after loading.
 
 Kernels (c_s are per-bandwidth constants prepared by ``_constants``):
     energy     f = -sqrt(d2)                    2 f' = -1 / r                (r = sqrt(d2); 0 at r = 0)
@@ -86,8 +88,12 @@ def _kernel_slopes(d2, BW, KERNEL: tl.constexpr, NUM_BW: tl.constexpr):
 
 
 @triton.jit
-def _sq_distances(A, Bp, offs_n, offs_m, in_n, in_m, D, san, sad, sbm, sbd, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    """|a_i - b_j|^2 for a [BLOCK_N] x [BLOCK_M] tile, accumulated over D in ACC precision."""
+def _sq_distances(A, Bp, offs_n, offs_m, in_n, in_m, D, san, sad, sbm, sbd, ACC: tl.constexpr, LOWP: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """|a_i - b_j|^2 for a [BLOCK_N] x [BLOCK_M] tile, accumulated over D in ACC precision.
+
+    LOWP (16-bit inputs, compiled): the dot runs on the 16-bit tiles with ACC accumulation, on tensor
+    cores. Products of two 16-bit floats are exact in fp32, so this is as exact as upcasting first."""
     dot = tl.zeros((offs_n.shape[0], offs_m.shape[0]), dtype=ACC)
     aa = tl.zeros((offs_n.shape[0],), dtype=ACC)
     bb = tl.zeros((offs_m.shape[0],), dtype=ACC)
@@ -95,22 +101,27 @@ def _sq_distances(A, Bp, offs_n, offs_m, in_n, in_m, D, san, sad, sbm, sbd, ACC:
         offs_d = d0 + tl.arange(0, BLOCK_D)
         in_d = offs_d < D
         a = tl.load(A + offs_n[:, None] * san + offs_d[None, :] * sad,
-                    mask=in_n[:, None] & in_d[None, :], other=0.0).to(ACC)  # [BLOCK_N, BLOCK_D]
+                    mask=in_n[:, None] & in_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         b = tl.load(Bp + offs_m[:, None] * sbm + offs_d[None, :] * sbd,
-                    mask=in_m[:, None] & in_d[None, :], other=0.0).to(ACC)  # [BLOCK_M, BLOCK_D]
-        dot += tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC)
+                    mask=in_m[:, None] & in_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        if LOWP:
+            dot += tl.dot(a, tl.trans(b), out_dtype=ACC)
+            a, b = a.to(ACC), b.to(ACC)
+        else:
+            a, b = a.to(ACC), b.to(ACC)
+            dot += tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC)
         aa += tl.sum(a * a, axis=1)
         bb += tl.sum(b * b, axis=1)
     return tl.maximum(aa[:, None] + bb[None, :] - 2.0 * dot, 0.0)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "M", "D", "KERNEL", "NUM_BW", "SELF", "ACC"])
+@triton.autotune(configs=_CONFIGS, key=["N", "M", "D", "KERNEL", "NUM_BW", "SELF", "ACC", "LOWP"])
 @triton.jit
 def _colsum_kernel(
     A, Bp, W, BW, OUT,  # a [B, N, D], b [B, M, D], weights [B, N] (ACC dtype), constants, out [B, M]
     N, M, D, sab, san, sad, sbb, sbm, sbd,
     KERNEL: tl.constexpr, NUM_BW: tl.constexpr, SELF: tl.constexpr, SKIP_DIAG: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, LOWP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,7 +133,7 @@ def _colsum_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         in_n = offs_n < N
         w = tl.load(W + pid_b * N + offs_n, mask=in_n, other=0.0)  # [BLOCK_N]
-        d2 = _sq_distances(A, Bp, offs_n, offs_m, in_n, in_m, D, san, sad, sbm, sbd, ACC, BLOCK_D)
+        d2 = _sq_distances(A, Bp, offs_n, offs_m, in_n, in_m, D, san, sad, sbm, sbd, ACC, LOWP, BLOCK_D)
         kv = _kernel_values(d2, BW, KERNEL, NUM_BW)  # [BLOCK_N, BLOCK_M]
         if SELF:
             diag = offs_n[:, None] == offs_m[None, :]
@@ -134,13 +145,13 @@ def _colsum_kernel(
     tl.store(OUT + pid_b * M + offs_m, acc, mask=in_m)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "M", "D", "KERNEL", "NUM_BW", "SELF", "ACC"])
+@triton.autotune(configs=_CONFIGS, key=["N", "M", "D", "KERNEL", "NUM_BW", "SELF", "ACC", "LOWP"])
 @triton.jit
 def _pair_grad_kernel(
     A, Bp, U, V, BW, OUT,  # a [B, N, D], b [B, M, D], u [B, N], v [B, M] (ACC), constants, out [B, N, D] (ACC)
     N, M, D, sab, san, sad, sbb, sbm, sbd,
     KERNEL: tl.constexpr, NUM_BW: tl.constexpr, SELF: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, LOWP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out_i = sum_j h_ij (a_i - b_j) with h_ij = 2 f'(d2_ij) u_i v_j (SELF: a = b, u_i v_j + v_i u_j, i != j)."""
     pid_b = tl.program_id(0)
@@ -161,7 +172,7 @@ def _pair_grad_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         in_m = offs_m < M
         v = tl.load(V + pid_b * M + offs_m, mask=in_m, other=0.0)  # [BLOCK_M]
-        d2 = _sq_distances(A, Bp, offs_n, offs_m, in_n, in_m, D, san, sad, sbm, sbd, ACC, BLOCK_D)
+        d2 = _sq_distances(A, Bp, offs_n, offs_m, in_n, in_m, D, san, sad, sbm, sbd, ACC, LOWP, BLOCK_D)
         wij = u[:, None] * v[None, :]
         if SELF:
             u_col = tl.load(U + pid_b * N + offs_m, mask=in_m, other=0.0)
@@ -179,7 +190,11 @@ def _pair_grad_kernel(
             ptrs = OUT + offs_n[:, None] * D + offs_d[None, :]
             io = in_n[:, None] & in_d[None, :]
             prev = tl.load(ptrs, mask=io, other=0.0)
-            tl.store(ptrs, prev - tl.dot(h, b, input_precision="ieee", out_dtype=ACC), mask=io)
+            if LOWP:  # 16-bit inputs: h rounded to TF32 (10-bit mantissa; b is exact in it) on tensor cores
+                hb = tl.dot(h, b, input_precision="tf32", out_dtype=ACC)
+            else:
+                hb = tl.dot(h, b, input_precision="ieee", out_dtype=ACC)
+            tl.store(ptrs, prev - hb, mask=io)
     tl.debug_barrier()
     for d0 in range(0, D, BLOCK_D):  # OUT[i] += a_i rowsum_i
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -201,6 +216,12 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _lowp(x: torch.Tensor) -> bool:
+    """Dot products on the 16-bit tiles themselves: fp16 always, bf16 when compiled (the CPU
+    interpreter computes bf16 dots wrongly, see ../shared/reference/infra.md)."""
+    return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not INTERPRETED)
 
 
 def _constants(kernel: str, bandwidths, device) -> torch.Tensor:
@@ -244,7 +265,7 @@ def colsums(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor, kernel: st
 
     _colsum_kernel[grid](a, b, w, consts, out, N, M, D, *a.stride(), *b.stride(),
                          KERNEL=KERNEL_IDS[kernel], NUM_BW=consts.numel(), SELF=self_pair,
-                         SKIP_DIAG=bool(skip_diagonal), ACC=_tl_acc(acc))
+                         SKIP_DIAG=bool(skip_diagonal), ACC=_tl_acc(acc), LOWP=_lowp(a))
     return out
 
 
@@ -269,7 +290,8 @@ def pair_grad(a: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor, v: torch
         return (B, triton.cdiv(N, meta["BLOCK_N"]))
 
     _pair_grad_kernel[grid](a, b, u, v, consts, out, N, M, D, *a.stride(), *b.stride(),
-                            KERNEL=KERNEL_IDS[kernel], NUM_BW=consts.numel(), SELF=self_pair, ACC=_tl_acc(acc))
+                            KERNEL=KERNEL_IDS[kernel], NUM_BW=consts.numel(), SELF=self_pair, ACC=_tl_acc(acc),
+                            LOWP=_lowp(a))
     return out
 
 

@@ -5,7 +5,8 @@ before triton is imported); on a GPU the same tests run the compiled kernels. In
 draws every run. Tolerances, relative to the largest reference magnitude:
     fp64 inputs  1e-10  (fp64 accumulation)
     fp32 inputs  2e-4   (fp32 accumulation of |a|^2 + |b|^2 - 2 a.b)
-    fp16 / bf16  2e-3 / 5e-3 against the reference on the SAME rounded inputs (only accumulation differs)
+    fp16 / bf16  2e-3 / 5e-3 against the reference on the SAME rounded inputs (only accumulation differs);
+                 fp16 runs the 16-bit-dot path (tensor cores on a GPU), bf16 the upcast path here
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def test_self_pair_colsums_have_an_exact_diagonal(kernel, skip_diag):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("shape", SHAPES[:3])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_gradients_match_reference(kernel, shape, dtype):
     gen = _gen()
     a, b, w = _inputs(shape, dtype, gen)

@@ -1,1 +1,1 @@
-"""Tensor operations: kernel mean embeddings and MMD (torch reference; Triton dispatch arrives with issue 3)."""
+"""Tensor operations: kernel mean embeddings and MMD (kme.py: dispatch to Triton or torch; kme_reference.py: the specification)."""
