@@ -128,3 +128,16 @@ def test_impl_resolution():
         resolve_impl("cuda", cpu)
     with pytest.raises(ValueError, match="unknown kernel"):
         mmd2(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), kernel="rbf")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lengths_equal_masks(impl):
+    x, y, xm, ym = _ragged(_gen())
+    by_mask = mmd2(x, y, xm, ym, "gaussian", BANDWIDTHS, impl=impl)
+    by_len = mmd2(x, y, xm.sum(1), ym.sum(1), "gaussian", BANDWIDTHS, impl=impl)
+    assert torch.equal(by_mask, by_len)
+    torch.testing.assert_close(kme(x, y, xm.sum(1), ym, impl=impl), kme(x, y, xm, ym, impl=impl))
+    with pytest.raises(ValueError, match=r"x lengths must be \[B=3\] integers in 0..23"):
+        mmd2(x, y, torch.tensor([24, 1, 1]), ym, impl=impl)
+    with pytest.raises(ValueError, match=r"y mask must be \[B, N\] = \[3, 17\]"):
+        mmd2(x, y, xm, ym[:, :5], impl=impl)

@@ -18,8 +18,8 @@ Kernels (``bandwidths`` is a list; Gaussian and Laplacian sum over it):
     gaussian   k(x, y) = sum_s exp(-||x - y||^2 / (2 s^2))
     laplacian  k(x, y) = sum_s exp(-||x - y|| / s)
 
-Ragged sets are padded and come with boolean masks ([B, N], [B, M]; True = real cell). Padded cells
-never contribute. A set with no real cell has an undefined embedding: kme gives 0 there and mmd2
+Ragged sets are padded and come with boolean masks ([B, N], [B, M]; True = real cell) or integer
+lengths ([B]; the first n_b rows are real). Padded cells never contribute. A set with no real cell has an undefined embedding: kme gives 0 there and mmd2
 gives NaN; the U-statistic also needs two real cells in each set (NaN otherwise).
 """
 
@@ -55,14 +55,27 @@ def pairwise_kernel(x: torch.Tensor, y: torch.Tensor, kernel: str = "energy",
     return sum(torch.exp(-dist / s) for s in bandwidths)
 
 
+def as_mask(mask_or_lengths: torch.Tensor | None, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """A bool [B, N] mask for x [B, N, D] from None (all real), a [B, N] mask, or [B] integer lengths."""
+    B, N = x.shape[:2]
+    if mask_or_lengths is None:
+        return torch.ones(B, N, dtype=torch.bool, device=x.device)
+    m = mask_or_lengths
+    if m.dim() == 1 and not m.dtype.is_floating_point and m.dtype != torch.bool:  # lengths
+        if m.shape[0] != B or bool((m < 0).any()) or bool((m > N).any()):
+            raise ValueError(f"{name} lengths must be [B={B}] integers in 0..{N}, got {m.tolist()}")
+        return torch.arange(N, device=x.device)[None, :] < m.to(x.device)[:, None]
+    if tuple(m.shape) != (B, N):
+        raise ValueError(f"{name} mask must be [B, N] = [{B}, {N}] (or [B] lengths), got {tuple(m.shape)}")
+    return m.bool()
+
+
 def _masked(x: torch.Tensor, y: torch.Tensor, x_mask, y_mask):
-    """Masks as bool, and padded rows zeroed so garbage there (even NaN) reaches no value or gradient."""
+    """Masks as bool (from masks or lengths), and padded rows zeroed so garbage there (even NaN)
+    reaches no value or gradient."""
     if x.dim() != 3 or y.dim() != 3 or x.shape[0] != y.shape[0] or x.shape[2] != y.shape[2]:
         raise ValueError(f"expected x [B, N, D] and y [B, M, D], got {tuple(x.shape)} and {tuple(y.shape)}")
-    xm = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if x_mask is None else x_mask.bool()
-    ym = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device) if y_mask is None else y_mask.bool()
-    if xm.shape != x.shape[:2] or ym.shape != y.shape[:2]:
-        raise ValueError("masks must be [B, N] and [B, M]")
+    xm, ym = as_mask(x_mask, x, "x"), as_mask(y_mask, y, "y")
     x = torch.where(xm[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     y = torch.where(ym[..., None], y, torch.zeros((), dtype=y.dtype, device=y.device))
     return x, y, xm, ym
