@@ -20,7 +20,8 @@ Never is an N x M matrix written to memory. Tiling:
   squared distances as |a|^2 + |b|^2 - 2 a.b with tl.dot, clamped at 0;
 - backward: one program per (set, tile of BLOCK_N rows of the gradient); for each tile of b it
   builds the distances, then h, then adds h @ b into its own rows of the fp32 output, which it alone
-  owns (so no atomics; a barrier orders each read-modify-write pass). No distance is recomputed.
+  owns (so no atomics; a barrier orders each read-modify-write pass). Distances are recomputed
+  once per pair in the backward (never stored), and not again per tile of D.
 
 Accumulation is fp32 (fp64 for fp64 inputs, which exist for gradcheck). fp32 inputs use IEEE fp32
 dots (distances by |a|^2 + |b|^2 - 2 a.b need them). fp16 / bf16 inputs feed their 16-bit tiles to

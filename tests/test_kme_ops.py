@@ -141,3 +141,10 @@ def test_lengths_equal_masks(impl):
         mmd2(x, y, torch.tensor([24, 1, 1]), ym, impl=impl)
     with pytest.raises(ValueError, match=r"y mask must be \[B, N\] = \[3, 17\]"):
         mmd2(x, y, xm, ym[:, :5], impl=impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_dtypes_promote_instead_of_rounding_down(impl):
+    x, y = torch.randn(1, 9, 6).bfloat16(), torch.randn(1, 7, 6) + 0.3  # fp32 y must not be rounded to bf16
+    want = ref.mmd2(x.double(), y.double())
+    _close(mmd2(x, y, impl=impl), want, 1e-5)
