@@ -231,6 +231,47 @@ class DiffusionConfig:
     cutoff: float = 1e-4  # predicted x0 below this is set to 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Training runtime (issue 4)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    weight_decay: float = 0.01  # never on norms, biases and embeddings
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at train.max_steps
+    grad_clip: float = 1.0  # 0 = off
+    ema_decay: float = 0.99
+    ema_every: int = 10  # optimizer steps between EMA updates (0 = no EMA)
+
+
+@dataclass
+class EngineConfig:
+    """How the model is trained across processes; the DeepSpeed JSON is generated from this."""
+
+    backend: str = "ddp"  # ddp (torch DistributedDataParallel, or plain on one process) | deepspeed
+    zero_stage: int = 2  # deepspeed: 1, 2 or 3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    grad_accum: int = 1  # micro-batches per optimizer step
+    activation_checkpointing: bool = False
+    offload_optimizer: bool = False  # deepspeed: optimizer state on the CPU
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1_000  # optimizer steps
+    log_every: int = 10
+    val_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 3  # resumable checkpoints kept
+    seed: int = 0
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -242,6 +283,7 @@ class RunConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The training runtime: optimiser pieces, engines over torch.distributed / DeepSpeed, checkpoints."""

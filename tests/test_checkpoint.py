@@ -1,0 +1,168 @@
+"""Foundation checkpoints (safetensors + manifest), atomic directories, rotation, and the optimiser
+pieces (parameter groups, LR schedule, EMA) of perturbdiff/train."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+
+import pytest
+import torch
+
+from perturbdiff.config import ModelConfig, OptimConfig
+from perturbdiff.models import build_model
+from perturbdiff.train.checkpoint import (CheckpointError, atomic_directory, latest_step, list_steps,
+                                          load_foundation, rotate, save_foundation, step_dir)
+from perturbdiff.train.optim import EMA, build_optimizer, lr_factor, param_groups
+
+GENES = [f"ENSG{i:05d}" for i in range(12)]
+VOCAB = {"context": ["A549", "K562", "MCF7"], "perturbation": ["DMSO", "drugA", "drugB", "drugC"]}
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(size="tiny"), len(GENES), {k: len(v) for k, v in VOCAB.items()})
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(x_t=torch.randn(2, 5, 12, generator=g), t=torch.tensor([3.0, 700.0]),
+                mask=torch.ones(2, 5, dtype=torch.bool), ctrl=torch.rand(2, 4, 12, generator=g),
+                ctrl_mask=torch.ones(2, 4, dtype=torch.bool),
+                cov={"context": torch.tensor([0, 2]), "perturbation": torch.tensor([1, 3])})
+
+
+def _forward(model):
+    kw = _inputs()
+    return model(kw.pop("x_t"), kw.pop("t"), **kw)
+
+
+def test_foundation_round_trip_is_exact_and_needs_no_pickle(tmp_path, monkeypatch):
+    model = _model()
+    with torch.no_grad():  # non-trivial weights everywhere (adaLN-Zero starts at zero)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = save_foundation(tmp_path / "foundation", model.state_dict(), model_cfg=model.cfg, genes=GENES,
+                           vocabularies=VOCAB, extra={"steps": 123})
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors"]
+
+    def no_pickle(*a, **k):
+        raise AssertionError("loading a foundation checkpoint must not unpickle")
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    found = load_foundation(path)
+    assert found.genes == GENES and found.vocabularies == VOCAB and found.manifest["extra"] == {"steps": 123}
+    assert found.model_cfg == model.cfg
+    rebuilt = found.build()
+    for (n, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert torch.equal(_forward(model.eval()), _forward(rebuilt.eval()))
+
+
+def test_truncated_altered_and_foreign_checkpoints_are_named(tmp_path):
+    path = save_foundation(tmp_path / "f", _model().state_dict(), model_cfg=ModelConfig(size="tiny"), genes=GENES,
+                           vocabularies=VOCAB)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: sha256 .* \(truncated or altered file\)"):
+        load_foundation(path)
+    with pytest.raises(CheckpointError, match="unreadable safetensors"):
+        load_foundation(path, verify=False)
+    weights.write_bytes(data)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
+    with pytest.raises(CheckpointError, match="format version 99 is newer"):
+        load_foundation(path)
+    (path / "manifest.json").write_text(json.dumps(manifest | {"model": manifest["model"] | {"warp_drive": 1}}))
+    with pytest.raises(CheckpointError, match=r"keys \['warp_drive'\] are unknown"):
+        load_foundation(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="manifest.json: not valid JSON"):
+        load_foundation(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="manifest.json: missing"):
+        load_foundation(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_foundation(tmp_path / "nowhere")
+
+
+def test_weights_that_do_not_fit_their_manifest_are_refused(tmp_path):
+    state = _model().state_dict()
+    path = save_foundation(tmp_path / "f", state, model_cfg=ModelConfig(size="tiny"), genes=GENES[:-1],
+                           vocabularies=VOCAB)  # one gene short of the weights
+    with pytest.raises(CheckpointError, match="do not fit the model built from its own manifest"):
+        load_foundation(path).build()
+
+
+def test_a_crash_during_a_save_leaves_the_last_good_checkpoint(tmp_path):
+    final = tmp_path / "ckpt"
+    with atomic_directory(final) as d:
+        (d / "a.txt").write_text("good")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_directory(final) as d:
+            (d / "a.txt").write_text("half-writ")
+            raise RuntimeError("killed mid-save")
+    assert (final / "a.txt").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporaries left behind
+    with atomic_directory(final) as d:  # and a later save replaces it whole
+        (d / "b.txt").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+
+
+def test_rotation_keeps_the_newest(tmp_path):
+    for step in (5, 10, 15, 20):
+        with atomic_directory(step_dir(tmp_path, step)) as d:
+            (d / "x").write_text(str(step))
+    (tmp_path / ".step_000000025.tmp-1").mkdir()  # an interrupted save is not a checkpoint
+    assert [s for s, _ in list_steps(tmp_path)] == [5, 10, 15, 20]
+    deleted = rotate(tmp_path, keep_last=2)
+    assert [p.name for p in deleted] == ["step_000000005", "step_000000010"]
+    assert latest_step(tmp_path).name == "step_000000020"
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        rotate(tmp_path, 0)
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = _model()
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert "cov_encoder.embeddings.context.weight" in nd and "blocks.0.pert.q_norm.weight" in nd
+    assert all(n.endswith("bias") or "norm" in n or "embeddings" in n or "null" in n for n in nd)
+    assert all(model.get_parameter(n).ndim == 2 for n in d) and "blocks.0.pert.qkv.weight" in d
+    assert len(nd) + len(d) == len(list(model.parameters()))
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.05))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_lr_warmup_then_cosine():
+    cfg = OptimConfig(warmup_steps=4, min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg, 14) for s in range(16)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0) and f[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert f[14] == pytest.approx(0.1) and f[15] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_ema_updates_every_n_steps_and_round_trips():
+    model = _model()
+    ema = EMA(model, decay=0.9, every=2)
+    p0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert not ema.step(model, 1)
+    assert all(torch.equal(ema.shadow[n], p0[n]) for n in p0)
+    assert ema.step(model, 2)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ema.shadow[n], 0.9 * p0[n] + 0.1 * p.detach())
+    other = EMA(_model(seed=3), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.num_updates == 1 and all(torch.equal(other.shadow[n], ema.shadow[n]) for n in p0)
+    target = _model(seed=4)
+    ema.copy_to(target)
+    assert all(torch.equal(p.detach(), ema.shadow[n]) for n, p in target.named_parameters())
