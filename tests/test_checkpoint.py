@@ -166,3 +166,45 @@ def test_ema_updates_every_n_steps_and_round_trips():
     target = _model(seed=4)
     ema.copy_to(target)
     assert all(torch.equal(p.detach(), ema.shadow[n]) for n, p in target.named_parameters())
+
+
+def test_fine_tune_init_from_a_marginal_foundation_reports_everything(tmp_path):
+    from perturbdiff.train.transfer import init_from_foundation
+    torch.manual_seed(0)
+    fcfg = ModelConfig(size="tiny", numeric_covariates=[])  # marginal pretraining: context and batch only
+    fvocab = {"context": ["A549", "K562"], "batch": ["p1", "p2", "p3"]}
+    foundation = build_model(fcfg, len(GENES), {k: len(v) for k, v in fvocab.items()})
+    with torch.no_grad():
+        for p in foundation.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = save_foundation(tmp_path / "f", foundation.state_dict(), model_cfg=fcfg, genes=GENES, vocabularies=fvocab)
+
+    genes = list(reversed(GENES))  # the same genes in another order: the model must compute the same
+    vocab = {"context": ["MCF7", "K562", "A549"], "batch": ["p1", "p2", "p3"], "perturbation": ["DMSO", "drugA"]}
+    lines: list[str] = []
+    model, report = init_from_foundation(load_foundation(path), ModelConfig(size="tiny"), genes, vocab,
+                                         log=lines.append)
+    assert report["genes"] == {"kept": 12, "new": 0, "dropped": 0}  # reordered: every weight moves with its gene
+    assert report["categories"] == {"context": {"kept": 2, "new": 1}, "batch": {"kept": 3, "new": 0}}
+    assert any(k.startswith("cov_encoder.embeddings.perturbation") for k in report["fresh"])
+    assert any(k.startswith("cov_encoder.numeric.dose") for k in report["fresh"])
+    assert "covariate branches new to the model: ['perturbation', 'dose']" in "\n".join(lines)
+
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.rand(2, 5, 12, generator=g), torch.rand(2, 4, 12, generator=g)
+    kw = dict(mask=torch.ones(2, 5, dtype=torch.bool), ctrl_mask=torch.ones(2, 4, dtype=torch.bool))
+    old = foundation.eval()(x, torch.tensor([5.0, 400.0]), ctrl=c, cov={"context": torch.tensor([0, 1])}, **kw)
+    rev = list(range(11, -1, -1))
+    new = model.eval()(x[..., rev], torch.tensor([5.0, 400.0]), ctrl=c[..., rev], **kw,
+                       cov={"context": torch.tensor([2, 1]), "perturbation": torch.tensor([1, 0]),
+                            "num_dose": torch.tensor([0.5, 5.0])})
+    torch.testing.assert_close(new, old[..., rev], rtol=1e-5, atol=1e-6)  # new branches enter through zeros
+
+    new_panel = GENES[2:] + ["ENSGnew1", "ENSGnew2"]
+    lines.clear()
+    model, report = init_from_foundation(load_foundation(path), ModelConfig(size="tiny"), new_panel, vocab,
+                                         log=lines.append)
+    assert report["genes"] == {"kept": 10, "new": 2, "dropped": 2}
+    assert "10 genes kept, 2 new" in "\n".join(lines)
+    with pytest.raises(CheckpointError, match=r"foundation is tiny .* config asks for small"):
+        init_from_foundation(load_foundation(path), ModelConfig(size="small"), GENES, vocab, log=lines.append)
