@@ -86,7 +86,9 @@ class SetDiffusion:
         kwargs = dict(mask=mask, ctrl=batch["ctrl"], ctrl_mask=batch["ctrl_mask"].bool(),
                       cov=covariates_from_batch(batch), drop_cov=drop_cov, drop_ctrl=drop_ctrl)
         self_cond = None
-        if getattr(model, "self_condition", True) and bool(use_self.any()):
+        # The first pass runs whenever self-conditioning is on, even if no local set drew it: under
+        # ZeRO-3 every forward is a collective, so all ranks must run the same passes.
+        if getattr(model, "self_condition", True) and cfg.p_self_cond > 0:
             with torch.no_grad():
                 first = model(x_t, t.float(), self_cond=None, **kwargs)
             self_cond = torch.where(use_self[:, None, None], first.detach(), torch.zeros_like(first))

@@ -1,0 +1,141 @@
+"""Process-group plumbing shared by every engine: start-up from launcher env, seeding, teardown.
+
+torchrun and the deepspeed launcher both export ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``; ``init_distributed`` reads them and forms the process group
+(nccl on CUDA, gloo on CPU). Without those variables it is a single process and no group is made,
+so the same entry point runs under a launcher and as a plain ``python`` command. Every helper here
+(``barrier``, ``is_main``, ...) also works when no group exists.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from datetime import timedelta
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got '{value}'") from None
+
+
+def _device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Join the process group the launcher describes; returns (rank, world, local_rank, device).
+
+    Args:
+        backend: "auto" (nccl when CUDA is available, else gloo), "gloo" or "nccl".
+        timeout_s: collective timeout (a dead peer makes the others fail after this long instead of
+            hanging); None keeps torch's default.
+
+    Without ``RANK`` / ``WORLD_SIZE`` in the environment this is a single process: (0, 1, 0, device)
+    and no process group. An already initialised group is reused as is.
+
+    Raises:
+        ValueError: an unknown backend, or inconsistent launcher variables.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown distributed backend '{backend}'; valid: {', '.join(BACKENDS)}")
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = _env_int("LOCAL_RANK")
+        local_rank = rank if local_rank is None else local_rank
+        return DistInfo(rank, world, local_rank, _device_for(local_rank))
+    rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if rank is None or world is None:
+        return DistInfo(0, 1, 0, _device_for(0))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    local_rank = rank if local_rank is None else local_rank
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ValueError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; start the job with "
+                         "torchrun or the deepspeed launcher, or set them")
+    device = _device_for(local_rank)
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError("the nccl backend needs CUDA; use gloo (or backend='auto') on CPU")
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a single process."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the process group if one exists (safe to call twice)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1 (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Seed torch (CPU and CUDA), numpy and ``random`` with ``seed + rank``; returns that seed.
+
+    The per-rank offset gives each rank its own noise and coin flips. Model weights need not agree
+    across ranks at construction: both engines broadcast rank 0's weights when they wrap a model.
+    """
+    value = int(seed) + int(rank)
+    random.seed(value)
+    np.random.seed(value % (1 << 32))
+    torch.manual_seed(value)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(value)
+    return value
