@@ -21,10 +21,10 @@ from typing import Any, Callable
 import numpy as np
 
 from perturbdiff.config import ShardConfig
-from perturbdiff.data.schema import MANIFEST_FILE, VALUES_COUNTS, DataError
+from perturbdiff.data.schema import MANIFEST_FILE, VALUES_COUNTS, DataError, file_sha256
 
 from .parts import write_part
-from .writer import file_sha256, merge_parts
+from .writer import merge_parts
 
 
 @dataclass

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from perturbdiff.data.schema import CONDITIONS_FILE, DTYPES, GROUP_COLUMNS, DataError, read_manifest
+from perturbdiff.data.schema import CONDITIONS_FILE, DTYPES, GROUP_COLUMNS, DataError, file_sha256, read_manifest
 from perturbdiff.data.store import as_numpy
 
-from .writer import file_sha256, hash_update
+from .writer import hash_update
 
 STEP = 1 << 22
 

@@ -30,7 +30,7 @@ from zarr.codecs import BloscCodec
 from perturbdiff.config import ShardConfig
 from perturbdiff.data.schema import (
     CELL_ID, CONDITION_COLUMNS, CONDITIONS_FILE, DTYPES, GROUP_COLUMNS, MANIFEST_FILE, N_GENES,
-    OBS_GROUP, SCHEMA_VERSION, STORE_ATTR, TOTAL_COUNTS, VAR_GROUP, X_GROUP,
+    OBS_GROUP, SCHEMA_VERSION, STORE_ATTR, TOTAL_COUNTS, VAR_GROUP, X_GROUP, file_sha256,
 )
 
 from . import hvg
@@ -367,14 +367,6 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
     log(f"wrote {out} ({n_cells:,} cells, {len(keys):,} groups, {nnz_total:,} nonzeros) "
         f"in {time.time() - t0:.1f}s")
     return manifest
-
-
-def file_sha256(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 

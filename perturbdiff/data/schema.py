@@ -28,6 +28,7 @@ Readers refuse a store whose schema version they do not know.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -168,3 +169,12 @@ def read_manifest(store: str | os.PathLike) -> dict[str, Any]:
         raise DataError(store, f"unknown store schema version {version!r}; this perturbdiff reads "
                         f"version {SCHEMA_VERSION}. Re-run the conversion with this version.")
     return manifest
+
+
+def file_sha256(path: str | Path, bufsize: int = 1 << 22) -> str:
+    """The sha256 of a file, read in blocks (manifests of stores and checkpoints record these)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()

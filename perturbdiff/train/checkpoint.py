@@ -19,7 +19,6 @@ the last good checkpoint. ``rotate`` keeps the newest N ``step_<n>`` directories
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..config import ModelConfig
-from ..data.schema import SCHEMA_VERSION
+from ..data.schema import SCHEMA_VERSION, file_sha256
 
 FORMAT = "perturbdiff-foundation"
 FORMAT_VERSION = 1
@@ -123,14 +122,6 @@ def rotate(parent: str | Path, keep_last: int) -> list[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Foundation:
     model_cfg: ModelConfig
@@ -175,7 +166,7 @@ def save_foundation(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
     }
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        manifest["weights_sha256"] = _sha256(tmp / WEIGHTS)
+        manifest["weights_sha256"] = file_sha256(tmp / WEIGHTS)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return Path(path)
 
@@ -221,7 +212,7 @@ def load_foundation(path: str | Path, verify: bool = True) -> Foundation:
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")
     if verify:
-        digest = _sha256(weights)
+        digest = file_sha256(weights)
         if digest != manifest.get("weights_sha256"):
             raise CheckpointError(f"{weights}: sha256 {digest[:12]}... does not match the manifest's "
                                   f"{str(manifest.get('weights_sha256'))[:12]}... (truncated or altered file)")
