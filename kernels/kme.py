@@ -244,29 +244,35 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"a and b differ in dtype or device: {a.dtype}/{a.device} vs {b.dtype}/{b.device}")
 
 
-def colsums(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor, kernel: str, bandwidths=(1.0,),
-            skip_diagonal: bool = False) -> torch.Tensor:
-    """S[b, j] = sum_i w[b, i] k(a_bi, b_bj): [B, M] in fp32 (fp64 for fp64 inputs). b=None: b is a."""
+def _setup(a: torch.Tensor, b: torch.Tensor | None, kernel: str, bandwidths):
+    """What both launchers need: b (a for a self pair), the accumulation dtype, the kernel constants
+    and the compile-time arguments shared by both kernels."""
     self_pair = b is None
     b = a if self_pair else b
     _check(a, b)
+    acc = _acc_dtype(a)
+    consts = _constants(kernel, bandwidths, a.device).to(acc)
+    meta = dict(KERNEL=KERNEL_IDS[kernel], NUM_BW=consts.numel(), SELF=self_pair, ACC=_tl_acc(acc), LOWP=_lowp(a))
+    return b, self_pair, acc, consts, meta
+
+
+def colsums(a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor, kernel: str, bandwidths=(1.0,),
+            skip_diagonal: bool = False) -> torch.Tensor:
+    """S[b, j] = sum_i w[b, i] k(a_bi, b_bj): [B, M] in fp32 (fp64 for fp64 inputs). b=None: b is a."""
+    b, self_pair, acc, consts, meta = _setup(a, b, kernel, bandwidths)
     if skip_diagonal and not self_pair:
         raise ValueError("skip_diagonal needs a self pair (b=None)")
     B, N, D = a.shape
     M = b.shape[1]
-    acc = _acc_dtype(a)
-    consts = _constants(kernel, bandwidths, a.device).to(acc)
-    out = torch.zeros(B, M, dtype=acc, device=a.device)
     if B == 0 or M == 0 or N == 0:
-        return out
-    w = w.to(acc).contiguous()
+        return torch.zeros(B, M, dtype=acc, device=a.device)
+    out = torch.empty(B, M, dtype=acc, device=a.device)  # every column is stored by the kernel
 
-    def grid(meta):
-        return (B, triton.cdiv(M, meta["BLOCK_M"]))
+    def grid(launch):
+        return (B, triton.cdiv(M, launch["BLOCK_M"]))
 
-    _colsum_kernel[grid](a, b, w, consts, out, N, M, D, *a.stride(), *b.stride(),
-                         KERNEL=KERNEL_IDS[kernel], NUM_BW=consts.numel(), SELF=self_pair,
-                         SKIP_DIAG=bool(skip_diagonal), ACC=_tl_acc(acc), LOWP=_lowp(a))
+    _colsum_kernel[grid](a, b, w.to(acc).contiguous(), consts, out, N, M, D, *a.stride(), *b.stride(),
+                         SKIP_DIAG=bool(skip_diagonal), **meta)
     return out
 
 
@@ -275,24 +281,18 @@ def pair_grad(a: torch.Tensor, b: torch.Tensor | None, u: torch.Tensor, v: torch
     """out[b, i] = sum_j 2 f'(|a_i - b_j|^2) u_i v_j (a_i - b_j): [B, N, D] in fp32 (fp64 for fp64).
 
     b=None is a self pair: the weight is u_i v_j + v_i u_j and the i == j terms are left out."""
-    self_pair = b is None
-    b = a if self_pair else b
-    _check(a, b)
+    b, _, acc, consts, meta = _setup(a, b, kernel, bandwidths)
     B, N, D = a.shape
     M = b.shape[1]
-    acc = _acc_dtype(a)
-    consts = _constants(kernel, bandwidths, a.device).to(acc)
-    out = torch.zeros(B, N, D, dtype=acc, device=a.device)
     if B == 0 or M == 0 or N == 0 or D == 0:
-        return out
-    u, v = u.to(acc).contiguous(), v.to(acc).contiguous()
+        return torch.zeros(B, N, D, dtype=acc, device=a.device)
+    out = torch.empty(B, N, D, dtype=acc, device=a.device)  # the kernel zeroes its own rows first
 
-    def grid(meta):
-        return (B, triton.cdiv(N, meta["BLOCK_N"]))
+    def grid(launch):
+        return (B, triton.cdiv(N, launch["BLOCK_N"]))
 
-    _pair_grad_kernel[grid](a, b, u, v, consts, out, N, M, D, *a.stride(), *b.stride(),
-                            KERNEL=KERNEL_IDS[kernel], NUM_BW=consts.numel(), SELF=self_pair, ACC=_tl_acc(acc),
-                            LOWP=_lowp(a))
+    _pair_grad_kernel[grid](a, b, u.to(acc).contiguous(), v.to(acc).contiguous(), consts, out, N, M, D,
+                            *a.stride(), *b.stride(), **meta)
     return out
 
 

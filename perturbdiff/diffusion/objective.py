@@ -25,15 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DiffusionConfig
+from ..models.covariates import CATEGORICAL
 from ..ops.kme import mmd2
 from .schedule import NoiseSchedule
-
-CATEGORICAL_KEYS = ("context", "batch", "perturbation", "dataset")
 
 
 def covariates_from_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The covariate entries of a loader batch: categorical ids and numeric ``num_<name>`` values."""
-    return {k: v for k, v in batch.items() if k in CATEGORICAL_KEYS or k.startswith("num_")}
+    return {k: v for k, v in batch.items() if k in CATEGORICAL or k.startswith("num_")}
 
 
 @dataclass

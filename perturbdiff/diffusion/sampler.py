@@ -29,8 +29,7 @@ def _repeat(v: torch.Tensor | None, times: int) -> torch.Tensor | None:
 def sample_sets(model, diffusion: SetDiffusion, *, ctrl: torch.Tensor, ctrl_mask: torch.Tensor,
                 cov: dict[str, torch.Tensor], num_cells: int, num_samples: int = 1,
                 guidance: float | None = None, sample_steps: int | None = None, respacing: str | None = None,
-                cutoff: float | None = None, generator: torch.Generator | None = None,
-                num_genes: int | None = None) -> torch.Tensor:
+                cutoff: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Populations for B conditions: [B, S, m, G] (S = num_samples, m = num_cells).
 
     ctrl [B, C, G] and ctrl_mask [B, C] are each condition's control set; cov holds [B] covariates.
@@ -40,7 +39,7 @@ def sample_sets(model, diffusion: SetDiffusion, *, ctrl: torch.Tensor, ctrl_mask
     K = cfg.sample_steps if sample_steps is None else sample_steps
     cutoff = cfg.cutoff if cutoff is None else cutoff
     steps = respaced_timesteps(cfg.steps, K, cfg.respacing if respacing is None else respacing)
-    B, S, G = ctrl.shape[0], num_samples, num_genes or ctrl.shape[-1]
+    B, S, G = ctrl.shape[0], num_samples, ctrl.shape[-1]
     device, dtype = ctrl.device, ctrl.dtype
     if num_cells < 1 or num_samples < 1:
         raise ValueError(f"num_cells and num_samples must be positive, got {num_cells} and {num_samples}")
