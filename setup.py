@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Set-level diffusion over single-cell populations (PerturbDiff), at scale",
     python_requires=">=3.10",
-    packages=["perturbdiff", "perturbdiff.data", "perturbdiff.ops", "perturbdiff.models", "perturbdiff.diffusion", "perturbdiff.train", "data_sharding", "perturbdiff_kernels"],
+    packages=["perturbdiff", "perturbdiff.data", "perturbdiff.ops", "perturbdiff.models", "perturbdiff.diffusion", "perturbdiff.train", "perturbdiff.eval", "data_sharding", "perturbdiff_kernels"],
     package_dir={"perturbdiff_kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

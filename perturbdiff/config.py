@@ -147,6 +147,10 @@ class PanelConfig:
 @dataclass
 class DataConfig:
     store: Optional[str] = None  # default: shard.out
+    # Several stores trained as one (marginal pretraining over datasets): the union of their gene
+    # panels is the model's gene vocabulary, genes a dataset lacks are masked out of the loss, and
+    # the covariate vocabularies are merged (see perturbdiff/data/multi.py). Empty: just ``store``.
+    stores: list[str] = field(default_factory=list)
     set_size: int = 256  # m cells per set (perturbed), and m control cells
     sets_per_batch: int = 4
     sampling: str = "proportional"  # proportional (every cell once per epoch) | balanced
@@ -262,11 +266,22 @@ class EngineConfig:
 
 @dataclass
 class TrainConfig:
+    """The training loop (perturbdiff/train/trainer.py). A step is one optimizer step over
+    ``engine.grad_accum`` loader batches of ``data.sets_per_batch`` sets on every rank."""
+
     max_steps: int = 1_000  # optimizer steps
-    log_every: int = 10
-    val_every: int = 500
-    ckpt_every: int = 500
+    log_every: int = 10  # TensorBoard scalars, progress line and metrics.jsonl
+    val_every: int = 500  # validation loss on the held-out split (0 = never)
+    val_batches: int = 8  # batches per rank per validation (at most; equal on every rank)
+    sample_every: int = 1_000  # sampling metrics on a fixed validation subset (0 = never)
+    sample_batches: int = 1  # batches per rank of that subset
+    sample_steps: int = 20  # DDIM steps while validating (diffusion.sample_steps is for prediction)
+    ckpt_every: int = 500  # resumable checkpoint (0 = only at the end)
     keep_last: int = 3  # resumable checkpoints kept
+    resume: str = "auto"  # auto (latest checkpoint under out_dir/checkpoints, if any) | never | <checkpoint dir>
+    export: bool = True  # write the consolidated foundation checkpoint (out_dir/foundation) at the end
+    dist_timeout_s: float = 600.0  # a collective waiting longer (a dead peer) fails instead of hanging
+    progress: bool = True  # a progress line with ETA on rank 0
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

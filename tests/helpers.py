@@ -277,6 +277,33 @@ def build_h5ad(path: Path, *, seed: int = 1, n_cells: int = 400, n_genes: int = 
     return H5adSource(path=Path(path), X=X, obs=obs, var_names=var_names, counts=counts)
 
 
+# ---------------------------------------------------------------------------------------------
+# A learnable store for the training tests
+# ---------------------------------------------------------------------------------------------
+
+
+PERTS = ("control", "IFNG", "IL2", "TNF")
+
+
+def build_train_store(root: Path, name: str = "train", genes: int = 32, cells: int = 900, seed: int = 0,
+                      dataset: str = "ds", first_gene: int = 0) -> Path:
+    """An h5ad with strong per-(context, perturbation) effects, converted to a store (genes named
+    G<first_gene> ... G<first_gene + genes - 1>)."""
+    from data_sharding.convert import convert
+
+    rng = np.random.default_rng(seed)
+    obs = h5ad_obs(rng, cells, perts=PERTS, control_share=0.4)
+    group = (obs["cell_type"].cat.codes.to_numpy() * len(PERTS)
+             + obs["perturbation"].astype(str).map({p: i for i, p in enumerate(PERTS)}).to_numpy())
+    counts = make_counts(rng, cells, genes, group_of_cell=group)
+    names = [f"G{i:03d}" for i in range(first_gene, first_gene + genes)]
+    src = write_h5ad(root / f"{name}.h5ad", counts.astype(np.float64), obs, names)
+    out = root / f"{name}.zarr"
+    convert(h5ad_cfg(src, out, dataset=dataset, hvg=HVGConfig(num_top_genes=genes)), log=quiet)
+    return out
+
+
+
 def lognorm(counts: np.ndarray, target_sum: float = 1e4) -> np.ndarray:
     c = np.asarray(counts, dtype=np.float64)
     tot = c.sum(axis=1, keepdims=True)

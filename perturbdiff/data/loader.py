@@ -85,7 +85,36 @@ def collate(store: CellStore, sets: list[SetSpec], panel: np.ndarray, cfg: DataC
     }
 
 
-class SetLoader:
+class ResumableLoader:
+    """Epoch and next-batch bookkeeping shared by SetLoader and MultiSetLoader: iteration starts at
+    ``next_batch`` of ``epoch``; a finished training epoch moves to the next one, an evaluation
+    pass starts over. Subclasses give ``cfg``, ``eval_mode`` and ``_dataset(epoch, first)``."""
+
+    cfg: DataConfig
+    eval_mode: bool
+    epoch: int = 0
+    next_batch: int = 0
+
+    def _dataset(self, epoch: int, first: int) -> IterableDataset:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.next_batch = int(epoch), 0
+
+    def __iter__(self):
+        workers = self.cfg.num_workers
+        dl = DataLoader(self._dataset(self.epoch, self.next_batch), batch_size=None, num_workers=workers,
+                        prefetch_factor=2 if workers else None, persistent_workers=False)
+        for batch in dl:
+            self.next_batch += 1
+            yield batch
+        if not self.eval_mode:
+            self.epoch, self.next_batch = self.epoch + 1, 0
+        else:
+            self.next_batch = 0
+
+
+class SetLoader(ResumableLoader):
     """Iterate batches of one split; ``state_dict`` / ``load_state_dict`` resume exactly."""
 
     def __init__(self, cfg: DataConfig, split: str = TRAIN, *, rank: int | None = None, world: int | None = None,
@@ -127,23 +156,15 @@ class SetLoader:
     def gene_ids(self) -> np.ndarray:
         return self.store.gene_ids[self.panel]
 
+    @property
+    def vocabularies(self) -> dict[str, list[str]]:
+        """Names of the context, batch and perturbation codes of a batch (the store's categories)."""
+        return {c: [str(n) for n in self.store.categories(c)] for c in ("context", "batch", "perturbation")}
+
     # ---- iteration ----------------------------------------------------------------------------
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.next_batch = int(epoch), 0
-
-    def __iter__(self):
-        dataset = _SetDataset(self, self.epoch, self.next_batch)
-        workers = self.cfg.num_workers
-        dl = DataLoader(dataset, batch_size=None, num_workers=workers,
-                        prefetch_factor=2 if workers else None, persistent_workers=False)
-        for batch in dl:
-            self.next_batch += 1
-            yield batch
-        if not self.eval_mode:
-            self.epoch, self.next_batch = self.epoch + 1, 0
-        else:
-            self.next_batch = 0
+    def _dataset(self, epoch: int, first: int) -> IterableDataset:
+        return _SetDataset(self, epoch, first)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "next_batch": self.next_batch, "seed": self.cfg.seed, "split": self.split,
@@ -155,3 +176,13 @@ class SetLoader:
                              f"world={state.get('world')}; this loader has seed={self.cfg.seed}, "
                              f"split={self.split}, world={self.world}")
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+
+
+def build_loader(cfg: DataConfig, split: str = TRAIN, **kwargs):
+    """The loader ``cfg`` asks for: a MultiSetLoader over ``data.stores`` when that list is non-empty
+    (even with one entry), else a SetLoader over ``data.store``. kwargs: rank, world, eval_mode, log."""
+    if cfg.stores:
+        from .multi import MultiSetLoader
+
+        return MultiSetLoader(cfg, list(cfg.stores), split, **kwargs)
+    return SetLoader(cfg, split, **kwargs)

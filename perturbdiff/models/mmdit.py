@@ -137,9 +137,10 @@ class MMDiTBlock(nn.Module):
         self.pert = StreamLayers(width, heads, mlp_ratio, qk_norm, dropout)
         self.ctrl = StreamLayers(width, heads, mlp_ratio, qk_norm, dropout, pre_only=last)
 
-    def forward(self, h_x: Tensor, h_c: Tensor, c: Tensor, key_mask: Tensor, mask: Tensor,
+    def forward(self, h_x: Tensor, h_c: Tensor, c: Tensor, key_mask: Tensor | None, mask: Tensor,
                 ctrl_mask: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Args: h_x [B, M, W], h_c [B, C, W], c [B, W], key_mask [B, N], mask [B, M], ctrl_mask [B, C].
+        """Args: h_x [B, M, W], h_c [B, C, W], c [B, W], key_mask [B, N] (None: every key is real),
+        mask [B, M], ctrl_mask [B, C].
 
         Returns: h_x [B, M, W] and h_c [B, C, W] (None after the last block), padded rows zero.
         """
@@ -150,7 +151,8 @@ class MMDiTBlock(nn.Module):
         q = q_x if q_c is None else torch.cat([q_x, q_c], dim=2)  # [B, H, M (+ C), Dh]
         k = torch.cat([k_x, k_c], dim=2)  # [B, H, N, Dh]
         v = torch.cat([v_x, v_c], dim=2)  # [B, H, N, Dh]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, N]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.dropout if self.training else 0.0)
         o = o.transpose(1, 2).reshape(B, q.shape[2], W)  # [B, M (+ C), W]
 
@@ -290,6 +292,8 @@ class MMDiT(nn.Module):
         # softmax over nothing; it attends to its (zeroed) padding instead, and its output is zeroed.
         key_mask = torch.cat([mask, ctrl_mask], dim=1)  # [B, N]
         key_mask = key_mask | ~key_mask.any(dim=1, keepdim=True)  # [B, N]
+        if bool(key_mask.all()):  # no padding anywhere: SDPA may pick its fused (flash) kernels
+            key_mask = None
 
         # Cell tokens. masked_fill replaces padded inputs (NaN * 0 would still be NaN).
         x_in = x_t.masked_fill(pad_x, 0.0)  # [B, M, G]

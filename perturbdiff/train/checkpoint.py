@@ -75,15 +75,24 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_directory(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_directory(tmp: str | Path, final: str | Path) -> None:
+    """Fsync the finished ``tmp`` tree and rename it to ``final`` (replacing an existing one).
+
+    The step ``atomic_directory`` ends with; distributed saves, where every rank writes into one
+    temporary directory, call it on rank 0 once all ranks are done."""
+    tmp, final = Path(tmp), Path(final)
+    _fsync_tree(tmp)
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def step_dir(parent: str | Path, step: int) -> Path:

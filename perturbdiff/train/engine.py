@@ -255,6 +255,11 @@ class Engine(abc.ABC):
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full fp32 weights (a plain ``state_dict``, on CPU) on rank 0; None on other ranks."""
 
+    def autocast(self) -> AbstractContextManager:
+        """The mixed-precision context for forwards outside ``train_step`` (validation, sampling):
+        bf16 autocast for the torch engine in bf16; DeepSpeed's bf16 module needs none. Local."""
+        return nullcontext()
+
     def full_parameters(self) -> AbstractContextManager:
         """A context in which ``module``'s parameters are whole on every rank (ZeRO-3 gathers them,
         and re-shards on exit; changes made inside are discarded). For EMA updates and inspection;
@@ -353,7 +358,7 @@ class TorchEngine(Engine):
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _autocast(self):
+    def autocast(self) -> AbstractContextManager:
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
@@ -366,7 +371,7 @@ class TorchEngine(Engine):
         for i, micro in enumerate(micro_batches):
             sync = i == n - 1 or not isinstance(self.wrapped, nn.parallel.DistributedDataParallel)
             with nullcontext() if sync else self.wrapped.no_sync():  # type: ignore[operator]
-                with self._autocast():
+                with self.autocast():
                     loss = _loss_tensor(loss_fn(self.wrapped, micro))
                 (loss.float() / n).backward()
             total += float(loss.detach())

@@ -1,0 +1,1 @@
+"""Evaluation: metrics of predicted populations against real ones."""
