@@ -19,7 +19,7 @@ setup() {
   if [ ! -f "$stamp" ]; then
     echo "== installing $TORCH_SPEC, then perturbdiff and its dependencies"
     .venv/bin/pip install -q --disable-pip-version-check "$TORCH_SPEC"
-    .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+    .venv/bin/pip install -q --disable-pip-version-check -e ".[dev,eval]"
     touch "$stamp"
   fi
 }

@@ -6,6 +6,9 @@
     perturbdiff verify      STORE [--sources DIR]              re-check a store against its manifest
     perturbdiff export-wds  [--config F ...] [key=value ...]   export training sets to WebDataset
     perturbdiff stream      [--config F ...] [key=value ...]   stream sets from a store, print throughput
+    perturbdiff predict     --checkpoint DIR --out DIR [--config RUN/config.yaml] [--split test]
+                            [--controls H5AD --conditions CSV] [options] [key=value ...]
+                                                               sampled populations -> pred.h5ad (+ real.h5ad)
 
 Configs: dataclass defaults <- each --config YAML <- key=value overrides (unknown keys are errors).
 The resolved config is saved next to every output. This module is the application layer: it is
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_config, resolve_paths, save_config
 from .data.schema import DataError
+from .train.checkpoint import CheckpointError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -158,6 +162,32 @@ def cmd_demo(cfg: RunConfig, overwrite: bool) -> None:
     print(f"throughput: {stats['sets_per_s']} sets/s, {stats['cells_per_s']:,.0f} cells/s from the store")
 
 
+def cmd_predict(args) -> None:
+    from .predict import (PredictOptions, controls_from_h5ad, predict, predict_split, read_conditions)
+    from .train.checkpoint import load_foundation
+
+    opts = PredictOptions(n_cells=args.n_cells, n_samples=args.n_samples, sets_per_batch=args.sets_per_batch,
+                          sample_steps=args.sample_steps, guidance=args.guidance, missing_genes=args.missing_genes,
+                          control_label=args.control_label, seed=args.seed, device=args.device)
+    found = load_foundation(args.checkpoint)
+    out = Path(args.out)
+    t0 = time.time()
+    if args.conditions:
+        if not args.controls:
+            raise ConfigError("--conditions needs --controls (an h5ad with control cells)")
+        from .config import NormalizeConfig
+
+        conditions = read_conditions(args.conditions, opts)
+        normalize = NormalizeConfig(**found.manifest.get("extra", {}).get("normalize", {}))
+        pool = controls_from_h5ad(args.controls, found.genes, normalize, sorted(conditions["context"].unique()), opts,
+                                  pert_col=args.pert_col, context_col=args.context_col, batch_col=args.batch_col)
+        paths = [predict(found, conditions, pool, out / "pred.h5ad", opts)]
+    else:
+        cfg = _load(args)
+        paths = list(predict_split(found, cfg.data.store, cfg.data.split, args.split, out, opts))
+    print(f"wrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.1f}s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,6 +199,26 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", action="append", default=[], help="YAML preset (repeatable, merged in order)")
         p.add_argument("--overwrite", action="store_true", help="rebuild outputs that already exist")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.set_size=64")
+    p = sub.add_parser("predict", help="sample populations for conditions into an AnnData")
+    p.add_argument("--checkpoint", required=True, help="foundation checkpoint directory (e.g. RUN/foundation)")
+    p.add_argument("--out", required=True, help="output directory (pred.h5ad, and real.h5ad with --split)")
+    p.add_argument("--config", action="append", default=[], help="the run's config (data.store and split rules)")
+    p.add_argument("--split", default="test", help="predict this split of data.store (default: test)")
+    p.add_argument("--conditions", default=None, help="conditions file (.csv/.tsv/.parquet) instead of a split")
+    p.add_argument("--controls", default=None, help="h5ad with the control cells for --conditions")
+    p.add_argument("--pert-col", default="perturbation")
+    p.add_argument("--context-col", default="context")
+    p.add_argument("--batch-col", default=None)
+    p.add_argument("--control-label", default="control")
+    p.add_argument("--n-cells", type=int, default=256, help="cells per population when conditions do not say")
+    p.add_argument("--n-samples", type=int, default=1, help="sampled populations per condition")
+    p.add_argument("--sets-per-batch", type=int, default=16)
+    p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--missing-genes", choices=("error", "zero"), default="error")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
     p = sub.add_parser("verify", help="re-check a store against its manifest")
     p.add_argument("store")
     p.add_argument("--sources", default=None, help="directory with the source files, to re-hash them")
@@ -176,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             cmd_verify(args.store, args.sources)
+            return 0
+        if args.command == "predict":
+            cmd_predict(args)
             return 0
         cfg = _load(args)
         if args.command == "demo":
@@ -189,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "stream":
             stream_throughput(cfg)
             save_config(cfg, cfg.out_dir)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"perturbdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -237,3 +237,17 @@ def test_pretrain_mode_forces_a_marginal_model(store, tmp_path):
     assert t.engine.module.cov_encoder.branch_names == ["context", "batch"]
     assert model_vocabularies(t.train_loader, "finetune")["perturbation"] == sorted(PERTS)
     t.close()
+
+
+def test_truncated_resumable_checkpoint_is_a_clear_error(store, tmp_path):
+    cfg = make_cfg(store, tmp_path, "train.max_steps=2")
+    t = trainer_for(cfg)
+    t.fit()
+    t.close()
+    ckpt = latest_step(tmp_path / "checkpoints")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    t = trainer_for(cfg)
+    with pytest.raises(ValueError, match="model.safetensors: unreadable safetensors file, truncated"):
+        t.resume(ckpt)
+    t.close()

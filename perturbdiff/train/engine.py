@@ -333,6 +333,19 @@ def _unflatten_optimizer_state(tensors: dict[str, torch.Tensor], structure: dict
     return {"state": state, "param_groups": groups}
 
 
+def _read_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a ValueError naming it (missing, truncated, not safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: unreadable safetensors file, truncated or damaged ({err})") from None
+
+
 class TorchEngine(Engine):
     """torch.nn.parallel.DistributedDataParallel (world > 1) or the plain module (world 1)."""
 
@@ -404,15 +417,18 @@ class TorchEngine(Engine):
     def load(self, directory: str | Path) -> dict:
         """Every rank reads the files (a shared filesystem across nodes); nothing is unpickled.
         Loads at any world size (DDP state is replicated)."""
-        from safetensors.torch import load_file
 
         directory = Path(directory)
         extra = self._read_json(directory, STATE_FILE)
         if extra.get("backend") != "ddp":
             raise ValueError(f"{directory} holds a '{extra.get('backend')}' engine checkpoint, not a ddp one")
-        model_state = load_file(str(directory / MODEL_FILE), device=str(self.device))
-        self.module.load_state_dict(model_state, strict=True)
-        tensors = load_file(str(directory / OPTIM_FILE), device=str(self.device))
+        model_state = _read_tensors(directory / MODEL_FILE, self.device)
+        try:
+            self.module.load_state_dict(model_state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{directory / MODEL_FILE} does not fit this model (another config or gene panel?): "
+                             f"{str(err).splitlines()[0]}") from None
+        tensors = _read_tensors(directory / OPTIM_FILE, self.device)
         self.optimizer.load_state_dict(_unflatten_optimizer_state(tensors, extra["optimizer"]))
         self.scheduler.load_state_dict(extra["scheduler"])
         self.step = int(extra["step"])

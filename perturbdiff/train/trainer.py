@@ -23,6 +23,7 @@ loss of every later step equals an uninterrupted run's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -330,7 +331,9 @@ class Trainer:
             if self.ema is not None:
                 state.update({k: v.detach().float().cpu() for k, v in self.ema.shadow.items()})
             extra = {"mode": self.mode, "step": self.step, "ema": self.ema is not None,
-                     "datasets": self.vocabularies.get("dataset", [])}
+                     "datasets": self.vocabularies.get("dataset", []), "set_size": self.cfg.data.set_size,
+                     "normalize": dataclasses.asdict(self.cfg.data.normalize),
+                     "diffusion": dataclasses.asdict(self.cfg.diffusion)}
             out = save_foundation(path, state, model_cfg=self.engine.module.cfg, genes=self.genes,
                                   vocabularies=self.vocabularies, extra=extra)
             self.log(f"foundation checkpoint: {out} ({len(self.genes)} genes, "

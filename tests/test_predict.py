@@ -1,0 +1,137 @@
+"""``perturbdiff predict``: the cell-eval layout, the same controls in prediction and truth, streamed
+writing, gene alignment of users' files, and clear errors for conditions the checkpoint cannot take."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from helpers import PERTS, build_train_store, write_h5ad
+from perturbdiff.config import DiffusionConfig, ModelConfig, NormalizeConfig, SplitConfig, HoldoutRule
+from perturbdiff.data.loader import SetLoader
+from perturbdiff.data.schema import DataError
+from perturbdiff.models import build_model
+from perturbdiff.predict import (PredictOptions, StreamingH5ad, controls_from_h5ad, predict, predict_split,
+                                 read_conditions)
+from perturbdiff.train.checkpoint import load_foundation, save_foundation
+from helpers import data_cfg
+
+SPLIT = SplitConfig(test=[HoldoutRule(contexts=["B_cell"], perturbations=["IL2"])])
+OPTS = PredictOptions(n_samples=2, sets_per_batch=3, sample_steps=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return build_train_store(tmp_path_factory.mktemp("predict"), genes=24, cells=500)
+
+
+@pytest.fixture(scope="module")
+def foundation(store, tmp_path_factory):
+    """An untrained model saved as a foundation (prediction does not care how good it is)."""
+    loader = SetLoader(data_cfg(store, split=SPLIT), "train", log=lambda *a: None)
+    vocabs = loader.vocabularies
+    cfg = ModelConfig(size="tiny")
+    model = build_model(cfg, len(loader.gene_ids), {k: len(v) for k, v in vocabs.items()})
+    extra = {"set_size": 8, "normalize": dataclasses.asdict(NormalizeConfig()),
+             "diffusion": dataclasses.asdict(DiffusionConfig(kme_impl="torch", steps=50))}
+    path = tmp_path_factory.mktemp("found") / "foundation"
+    save_foundation(path, model.state_dict(), model_cfg=cfg, genes=list(loader.gene_ids), vocabularies=vocabs,
+                    extra=extra)
+    return load_foundation(path)
+
+
+def test_predict_split_writes_the_cell_eval_layout_with_shared_controls(store, foundation, tmp_path):
+    pred_path, real_path = predict_split(foundation, str(store), SPLIT, "test", tmp_path, OPTS, log=lambda *a: None)
+    pred, real = ad.read_h5ad(pred_path), ad.read_h5ad(real_path)
+    assert list(pred.var_names) == list(real.var_names) == foundation.genes
+    for a in (pred, real):
+        assert {"perturbation", "context", "batch", "sample", "is_control"} <= set(a.obs.columns)
+        assert sp.issparse(a.X) and a.X.min() >= 0
+    real_pert = real[~real.obs["is_control"].values]
+    assert set(zip(real_pert.obs["context"], real_pert.obs["perturbation"])) == {("B_cell", "IL2")}
+    # every population has as many cells as the real condition
+    counts = pred.obs[~pred.obs["is_control"]].groupby(["batch", "sample"], observed=True).size()
+    want = real_pert.obs.groupby("batch", observed=True).size()
+    for (batch, sample), n in counts.items():
+        assert n == want[batch] and sample in (0, 1)
+    pc, rc = pred[pred.obs["is_control"].values], real[real.obs["is_control"].values]
+    assert pc.n_obs > 0 and (pc.obs["sample"] == -1).all()
+    np.testing.assert_array_equal(pc.X.toarray(), rc.X.toarray())  # the SAME control cells in both
+    assert set(pc.obs["context"]) == {"B_cell"}
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_streaming_writer_round_trips_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    w = StreamingH5ad(tmp_path / "x.h5ad", [f"g{i}" for i in range(7)])
+    blocks = [np.where(rng.random((n, 7)) < 0.5, 0, rng.random((n, 7))).astype(np.float32) for n in (3, 5, 1)]
+    for i, b in enumerate(blocks):
+        w.append(b, f"p{i}", "ctx", "b0", i, False)
+    w.close()
+    back = ad.read_h5ad(tmp_path / "x.h5ad")
+    np.testing.assert_array_equal(back.X.toarray(), np.concatenate(blocks))
+    assert list(back.obs["perturbation"]) == ["p0"] * 3 + ["p1"] * 5 + ["p2"]
+    assert list(back.obs["sample"]) == [0] * 3 + [1] * 5 + [2]
+
+
+def user_h5ad(tmp_path, foundation, *, drop=0, counts=True, control="control"):
+    rng = np.random.default_rng(1)
+    genes = foundation.genes[drop:][::-1] + ["EXTRA1"]  # another order, one extra gene
+    n = 60
+    X = rng.poisson(3.0, size=(n, len(genes))).astype(np.float64)
+    if not counts:
+        X = np.log1p(X / X.sum(1, keepdims=True) * 1e4)
+    obs = pd.DataFrame({"perturbation": [control] * 40 + ["IL2"] * 20, "context": ["T_cell"] * 30 + ["B_cell"] * 30},
+                       index=[f"c{i}" for i in range(n)])
+    return write_h5ad(tmp_path / "user.h5ad", X, obs, genes), X, genes
+
+
+def test_user_h5ad_controls_are_aligned_and_normalised(tmp_path, foundation):
+    path, X, genes = user_h5ad(tmp_path, foundation)
+    norm = NormalizeConfig()
+    pool = controls_from_h5ad(str(path), foundation.genes, norm, ["T_cell"], OPTS, batch_col=None)
+    assert any("raw counts" in n for n in pool.notes)
+    rows = np.flatnonzero(np.arange(60) < 30)
+    want = np.log1p(X[rows] / X[rows].sum(1, keepdims=True) * 1e4) / norm.scale
+    order = [genes.index(g) for g in foundation.genes]
+    np.testing.assert_allclose(pool.x, want[:, order], rtol=1e-5)
+    # log-normalised input is detected and used as is
+    path, X, genes = user_h5ad(tmp_path, foundation, counts=False)
+    pool = controls_from_h5ad(str(path), foundation.genes, norm, ["T_cell"], OPTS, batch_col=None)
+    assert any("log-normalised" in n for n in pool.notes)
+    np.testing.assert_allclose(pool.x, X[:30][:, order] / norm.scale, rtol=1e-5)
+
+
+def test_missing_genes_error_or_zero(tmp_path, foundation):
+    path, _, _ = user_h5ad(tmp_path, foundation, drop=3)
+    with pytest.raises(DataError, match="3 of the checkpoint's 24 genes are missing"):
+        controls_from_h5ad(str(path), foundation.genes, NormalizeConfig(), ["T_cell"], OPTS, batch_col=None)
+    opts = dataclasses.replace(OPTS, missing_genes="zero")
+    pool = controls_from_h5ad(str(path), foundation.genes, NormalizeConfig(), ["T_cell"], opts, batch_col=None)
+    assert (pool.x[:, :3] == 0).all() and any("3 missing genes filled with zeros" in n for n in pool.notes)
+
+
+def test_conditions_file_predicts_and_bad_conditions_are_named(tmp_path, foundation):
+    path, _, _ = user_h5ad(tmp_path, foundation)
+    conds = tmp_path / "conds.csv"
+    pd.DataFrame({"perturbation": ["IL2", "TNF"], "context": ["T_cell", "B_cell"], "n_cells": [5, 11]}).to_csv(conds, index=False)
+    table = read_conditions(str(conds), OPTS)
+    pool = controls_from_h5ad(str(path), foundation.genes, NormalizeConfig(), ["B_cell", "T_cell"], OPTS, batch_col=None)
+    out = ad.read_h5ad(predict(foundation, table, pool, tmp_path / "p.h5ad", OPTS, log=lambda *a: None))
+    cells = out.obs[~out.obs["is_control"]].groupby(["perturbation", "sample"], observed=True).size()
+    assert cells.to_dict() == {("IL2", 0): 5, ("IL2", 1): 5, ("TNF", 0): 11, ("TNF", 1): 11}
+
+    for bad, match in (({"perturbation": ["NOPE"], "context": ["T_cell"]}, "perturbation 'NOPE' is neither"),
+                       ({"perturbation": ["IL2"], "context": ["Neuron"]}, "context 'Neuron' is not in")):
+        pd.DataFrame(bad).to_csv(conds, index=False)
+        with pytest.raises(DataError, match=match):
+            predict(foundation, read_conditions(str(conds), OPTS), pool, tmp_path / "bad.h5ad", OPTS)
+        assert not (tmp_path / "bad.h5ad").exists() and not (tmp_path / "bad.h5ad.partial").exists()
+    with pytest.raises(DataError, match="no control cells for context 'Neuron'"):
+        controls_from_h5ad(str(path), foundation.genes, NormalizeConfig(), ["Neuron"], OPTS, batch_col=None)
+    assert set(PERTS) >= {"IL2", "TNF"}
