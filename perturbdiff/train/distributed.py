@@ -113,6 +113,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_floats(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Reduce a few floats across ranks ("sum" or "min"; float64 on CPU); the values themselves
+    without a process group or with one rank."""
+    if not is_initialized() or get_world_size() == 1:
+        return [float(v) for v in values]
+    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t, op=ops[op])
+    return [float(v) for v in t.tolist()]
+
+
 def cleanup() -> None:
     """Destroy the process group if one exists (safe to call twice)."""
     if is_initialized():

@@ -165,11 +165,7 @@ def _loss_tensor(out: Any) -> torch.Tensor:
 
 
 def _mean_across_ranks(value: float, device: torch.device) -> float:
-    if not pdist.is_initialized() or pdist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / pdist.get_world_size()
+    return pdist.all_reduce_floats([value], device)[0] / pdist.get_world_size()
 
 
 def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:

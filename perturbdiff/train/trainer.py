@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig
@@ -49,15 +48,6 @@ from .optim import EMA
 FAULT_ENV = "PERTURBDIFF_FAULT"  # "<rank>:<step>": that rank SIGKILLs itself before that step (fault tests)
 EMA_FILE, RNG_FILE = "ema.safetensors", "rng_rank{rank}.safetensors"
 CKPT_DIR = "checkpoints"
-
-
-def _reduce(values: list[float], device: torch.device, op=None) -> list[float]:
-    """All-reduce a few floats (SUM by default) across ranks; identity on one process."""
-    if not pdist.is_initialized() or pdist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return [float(v) for v in t.tolist()]
 
 
 class Trainer:
@@ -94,7 +84,7 @@ class Trainer:
         self._batches = None
         self._terms: list[torch.Tensor] = []
         self.peak = peak_flops(self.device, engine.precision)
-        self.history: list[dict] = []
+        self.last: dict = {}  # the latest step's scalars
         if self.main:
             for stale in self.ckpt_root.glob(".step_*"):  # a save interrupted by a crash
                 shutil.rmtree(stale, ignore_errors=True)
@@ -118,7 +108,7 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _min_over_ranks(self, n: int) -> int:
-        return int(_reduce([float(n)], self.device, dist.ReduceOp.MIN if pdist.is_initialized() else None)[0])
+        return int(pdist.all_reduce_floats([float(n)], self.device, "min")[0])
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -159,7 +149,7 @@ class Trainer:
                 with self.engine.full_parameters():
                     if self.ema is not None:
                         self.ema.step(self.engine.module, self.step)
-            mse, mmd = _reduce(torch.stack(self._terms).mean(0).tolist(), self.device)
+            mse, mmd = pdist.all_reduce_floats(torch.stack(self._terms).mean(0).tolist(), self.device)
             dt = time.perf_counter() - t0
             cells_total += cells
             values = {"train/loss": out["loss"], "train/mse": mse / self.world, "train/mmd": mmd / self.world,
@@ -170,7 +160,7 @@ class Trainer:
                 flops = len(micro) * B * mmdit_train_flops(self.engine.module, M, micro[0]["ctrl"].shape[1], self_cond)
                 values["perf/mfu"] = flops / dt / self.peak
             self.monitor.scalars(self.step, values)
-            self.history.append({"step": self.step, **values})
+            self.last = {"step": self.step, **values}
             step = self.step
             if step % max(1, self.tcfg.log_every) == 0 or step == max_steps:
                 self.monitor.progress_line(step, max_steps, values)
@@ -185,7 +175,7 @@ class Trainer:
             self.save_checkpoint()
         wall = time.perf_counter() - t_run
         return {"step": self.step, "seconds": wall, "cells_per_s": cells_total / wall if wall > 0 else 0.0,
-                "last": self.history[-1] if self.history else {}}
+                "last": self.last}
 
     # ---- evaluation ---------------------------------------------------------------------------
 
@@ -231,7 +221,7 @@ class Trainer:
                 per_set = terms.mse + self.diffusion.cfg.mmd_weight * terms.mmd
                 sums = [sums[0] + float(per_set.sum()), sums[1] + float(terms.mse.sum()),
                         sums[2] + float(terms.mmd.sum()), sums[3] + per_set.numel()]
-        loss, mse, mmd, n = _reduce(sums, self.device)
+        loss, mse, mmd, n = pdist.all_reduce_floats(sums, self.device)
         values = {"val/loss": loss / n, "val/mse": mse / n, "val/mmd": mmd / n}
         self.monitor.scalars(self.step, values)
         self.log(f"step {self.step}: val loss {values['val/loss']:.4f} (mse {values['val/mse']:.4f}, "
@@ -260,7 +250,7 @@ class Trainer:
                             self.diffusion.cfg.kme_impl, gm)
                 r, d = r[torch.isfinite(r)], d[torch.isfinite(d)]
                 sums = [sums[0] + float(r.sum()), sums[1] + r.numel(), sums[2] + float(d.sum()), sums[3] + d.numel()]
-        r_sum, r_n, d_sum, d_n = _reduce(sums, self.device)
+        r_sum, r_n, d_sum, d_n = pdist.all_reduce_floats(sums, self.device)
         values = {"val/pearson_delta": r_sum / r_n if r_n else float("nan"),
                   "val/mmd_sampled": d_sum / d_n if d_n else float("nan")}
         self.monitor.scalars(self.step, values)
