@@ -1,6 +1,8 @@
 """The ``perturbdiff`` command.
 
-    perturbdiff demo        [--config F ...] [key=value ...]   the main job on the embedded default
+    perturbdiff demo        [--config F ...] [key=value ...]   the main job on the embedded default: synthesise,
+                                                               shard, pretrain, fine-tune, predict, evaluate, report
+    perturbdiff pipeline    [--config F ...] [key=value ...]   the same from shard on, for any data preset
     perturbdiff synth       [--config F ...] [key=value ...]   write a synthetic Tahoe-format dataset
     perturbdiff shard       [--config F ...] [key=value ...]   convert a source into a store
     perturbdiff verify      STORE [--sources DIR]              re-check a store against its manifest
@@ -9,16 +11,18 @@
     perturbdiff predict     --checkpoint DIR --out DIR [--config RUN/config.yaml] [--split test]
                             [--controls H5AD --conditions CSV] [options] [key=value ...]
                                                                sampled populations -> pred.h5ad (+ real.h5ad)
+    perturbdiff evaluate    --dir PREDICT_OUT | --pred P --real R [--train T] [--out DIR] [options]
+                                                               metrics, baselines, scores -> CSV + summary.json
+    perturbdiff report      --eval EVAL_OUT [--run RUN_DIR] [--out DIR]   HTML report with its plots
 
 Configs: dataclass defaults <- each --config YAML <- key=value overrides (unknown keys are errors).
-The resolved config is saved next to every output. This module is the application layer: it is
-the only part of ``perturbdiff`` that calls into ``data_sharding``.
+The resolved config is saved next to every output. This module and ``pipeline.py`` are the
+application layer: the only parts of ``perturbdiff`` that call into ``data_sharding``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -96,82 +100,43 @@ def cmd_export(cfg: RunConfig) -> None:
     save_config(cfg, cfg.wds.out)
 
 
-def _demo_holdout(source: Path):
-    """The synthetic data's 4 strongest drug-dose effects in one cell line: a (context x
-    perturbation) held-out split in the paper's style, whatever the synthetic size settings."""
-    import pandas as pd
-
-    from .config import HoldoutRule
-
-    cond = pd.read_parquet(source / "ground_truth" / "conditions.parquet")
-    line = sorted(cond["cell_line_id"].unique())[-1]
-    top = cond[cond["cell_line_id"] == line].sort_values("effect_norm", ascending=False).head(4)
-    return HoldoutRule(contexts=[str(line)], perturbations=[str(p) for p in top["drugname_drugconc"]])
-
-
 def cmd_demo(cfg: RunConfig, overwrite: bool) -> None:
-    """Main job on the embedded default: synthesise -> shard -> verify -> stream sets -> WebDataset."""
-    from data_sharding.convert import convert
-    from data_sharding.synthetic import generate
-    from data_sharding.verify import verify
-    from data_sharding.wds_export import export_wds
+    """The main job on the embedded default: synthesise, then the whole pipeline."""
+    from .pipeline import run_pipeline
 
-    from .data.wds import wds_loader
+    run_pipeline(cfg, overwrite, synthetic=True)
 
-    t0 = time.time()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    print(f"[1/5] synthesise {cfg.synth.num_cells:,} cells x {cfg.synth.num_genes:,} genes "
-          f"(Tahoe-100M parquet schema) -> {cfg.synth.out_dir}")
-    if overwrite:
-        shutil.rmtree(cfg.synth.out_dir, ignore_errors=True)
-    try:
-        summary = generate(cfg.synth)
-    except ValueError as err:
-        raise ConfigError(f"{err} (pass --overwrite to replace it, or choose another out_dir=...)") from None
-    # a (re)generated source makes any existing store stale
-    overwrite = overwrite or summary["num_written"] > 0
-    if not cfg.data.split.test and not cfg.data.split.val:
-        cfg.data.split.test = [_demo_holdout(Path(cfg.synth.out_dir))]
-        rule = cfg.data.split.test[0]
-        print(f"      held out for testing: {len(rule.perturbations)} drug-dose conditions in {rule.contexts[0]}")
-    save_config(cfg, out)
-    print(f"[2/5] shard -> {cfg.shard.out}")
-    if not cfg.shard.inputs:
-        cfg.shard.inputs = [cfg.synth.out_dir]
-    convert(cfg.shard, overwrite=overwrite)
-    save_config(cfg, cfg.shard.out)
-    print("[3/5] verify the store against its manifest")
-    summary = verify(cfg.shard.out, cfg.synth.out_dir, log=lambda s: None)
-    print(f"      ok: {summary['num_cells']:,} cells, {summary['num_groups']:,} groups, "
-          f"{summary['arrays_checked']} checksums, {summary['sources_checked']} source files")
-    print(f"[4/5] stream sets of {cfg.data.set_size} cells + matched controls from the store")
-    stats = stream_throughput(cfg)
-    print(f"[5/5] export {cfg.wds.epochs} epoch(s) of training sets to WebDataset and stream them")
-    manifest = export_wds(cfg.data, cfg.wds, log=lambda s: None)
-    save_config(cfg, cfg.wds.out)
-    loader, _ = wds_loader(cfg.wds.out, sets_per_batch=cfg.data.sets_per_batch,
-                           num_workers=cfg.data.num_workers)
-    t1, sets = time.perf_counter(), 0
-    for batch in loader:
-        sets += batch["x"].shape[0]
-    dt = time.perf_counter() - t1
-    print(f"      {len(manifest['shards'])} shards, {sets:,} sets streamed in {dt:.2f}s ({sets / dt:,.1f} sets/s)")
-    print(f"done in {time.time() - t0:.1f}s. Store: {cfg.shard.out}  (config: {out / 'config.yaml'})")
-    print(f"throughput: {stats['sets_per_s']} sets/s, {stats['cells_per_s']:,.0f} cells/s from the store")
+
+def cmd_pipeline(cfg: RunConfig, overwrite: bool) -> None:
+    from .pipeline import run_pipeline
+
+    run_pipeline(cfg, overwrite)
 
 
 def cmd_predict(args) -> None:
-    from .predict import (PredictOptions, controls_from_h5ad, predict, predict_split, read_conditions)
-    from .train.checkpoint import load_foundation
+    from .predict import PredictOptions
+    from .train import distributed as pdist
 
     opts = PredictOptions(n_cells=args.n_cells, n_samples=args.n_samples, sets_per_batch=args.sets_per_batch,
                           sample_steps=args.sample_steps, guidance=args.guidance, missing_genes=args.missing_genes,
-                          control_label=args.control_label, seed=args.seed, device=args.device)
+                          control_label=args.control_label, seed=args.seed, device=args.device,
+                          train_cells=args.train_cells)
+    info = pdist.init_distributed()  # under torchrun: the sets are split over the processes / GPUs
+    try:
+        _predict(args, opts, info)
+    finally:
+        pdist.cleanup()
+
+
+def _predict(args, opts, info) -> None:
+    from .predict import controls_from_h5ad, predict, predict_split, read_conditions
+    from .train.checkpoint import load_foundation
+
     found = load_foundation(args.checkpoint)
     out = Path(args.out)
     t0 = time.time()
+    if info.world > 1 and info.rank == 0:
+        print(f"predicting on {info.world} processes ({info.device.type})")
     if args.conditions:
         if not args.controls:
             raise ConfigError("--conditions needs --controls (an h5ad with control cells)")
@@ -185,14 +150,47 @@ def cmd_predict(args) -> None:
     else:
         cfg = _load(args)
         paths = list(predict_split(found, cfg.data.store, cfg.data.split, args.split, out, opts))
-    print(f"wrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.1f}s")
+    if info.rank == 0:
+        print(f"wrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.1f}s")
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import EvaluateOptions, evaluate_files, format_table
+
+    if args.dir:
+        d = Path(args.dir)
+        pred, real = args.pred or d / "pred.h5ad", args.real or d / "real.h5ad"
+        train = args.train or (d / "train.h5ad" if (d / "train.h5ad").is_file() else None)
+        out = Path(args.out) if args.out else d / "eval"
+    else:
+        if not (args.pred and args.real):
+            raise ConfigError("give --dir PREDICT_OUT, or --pred and --real (and --out)")
+        pred, real, train = args.pred, args.real, args.train
+        out = Path(args.out) if args.out else Path(pred).parent / "eval"
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    opts = EvaluateOptions(control_label=args.control_label, profile=args.profile, de_fdr=args.de_fdr,
+                           methods=methods, distances=not args.no_distances, seed=args.seed)
+    ev = evaluate_files(pred, real, out, train, opts)
+    print(format_table(ev))
+    print(f"score: cell-eval's normalised score against {ev.summary['score_baseline']} (0 = no better, 1 = perfect)")
+    print(f"wrote {out}/ (metrics.csv, aggregated.csv, per_context.csv, scores.csv, summary.json) "
+          f"in {ev.summary['seconds']['total']:.1f}s")
+
+
+def cmd_report(args) -> None:
+    from .eval.report import write_report
+
+    path = write_report(args.eval, out=args.out, run_dir=args.run or None, conditions=args.condition or None)
+    print(f"report: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("demo", "main job on the embedded default"), ("synth", "write a synthetic dataset"),
+    for name, help_ in (("demo", "main job on the embedded default"),
+                        ("pipeline", "shard -> pretrain -> fine-tune -> predict -> evaluate -> report"),
+                        ("synth", "write a synthetic dataset"),
                         ("shard", "convert a source into a store"), ("export-wds", "export sets to WebDataset"),
                         ("stream", "stream sets from a store and print throughput")):
         p = sub.add_parser(name, help=help_)
@@ -218,7 +216,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--missing-genes", choices=("error", "zero"), default="error")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--train-cells", type=int, default=256,
+                   help="with --split: cells per training group sampled to train.h5ad for the baselines (0: none)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
+    p = sub.add_parser("evaluate", help="score a prediction and the baselines (cell-eval metrics and more)")
+    p.add_argument("--dir", default=None, help="a predict output directory (pred.h5ad, real.h5ad, train.h5ad)")
+    p.add_argument("--pred", default=None)
+    p.add_argument("--real", default=None)
+    p.add_argument("--train", default=None, help="training cells, for the perturbation-mean and linear baselines")
+    p.add_argument("--out", default=None, help="output directory (default: <dir>/eval)")
+    p.add_argument("--profile", default="full", choices=("full", "paper", "vcc", "minimal"))
+    p.add_argument("--methods", default="model,control_mean,perturbation_mean,linear,ceiling")
+    p.add_argument("--control-label", default="control")
+    p.add_argument("--de-fdr", type=float, default=0.05)
+    p.add_argument("--no-distances", action="store_true", help="skip MMD / energy distance per condition")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("report", help="an HTML report of an evaluation (and the training curves)")
+    p.add_argument("--eval", required=True, help="an evaluate output directory")
+    p.add_argument("--run", action="append", default=[],
+                   help="a training run directory, for its metrics.jsonl curves (repeatable: pretrain, finetune)")
+    p.add_argument("--out", default=None, help="output directory (default: <eval>/report)")
+    p.add_argument("--condition", action="append", default=[],
+                   help="context/perturbation to show in the cell-level plots (repeatable; default: chosen)")
     p = sub.add_parser("verify", help="re-check a store against its manifest")
     p.add_argument("store")
     p.add_argument("--sources", default=None, help="directory with the source files, to re-hash them")
@@ -227,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             cmd_verify(args.store, args.sources)
             return 0
-        if args.command == "predict":
-            cmd_predict(args)
+        if args.command in ("predict", "evaluate", "report"):
+            {"predict": cmd_predict, "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
             return 0
         cfg = _load(args)
         if args.command == "demo":
             cmd_demo(cfg, args.overwrite)
+        elif args.command == "pipeline":
+            cmd_pipeline(cfg, args.overwrite)
         elif args.command == "synth":
             cmd_synth(cfg)
         elif args.command == "shard":

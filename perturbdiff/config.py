@@ -250,6 +250,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     ema_decay: float = 0.99
     ema_every: int = 10  # optimizer steps between EMA updates (0 = no EMA)
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at the n-th update (see train/optim.py)
 
 
 @dataclass
@@ -288,6 +289,22 @@ class TrainConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """The end-to-end job after the store (``perturbdiff pipeline``, the main job's second half):
+    pretrain -> fine-tune -> predict the test split -> evaluate with baselines -> report. Both
+    training stages take data / model / diffusion / train from this config; these set what differs."""
+
+    pretrain_steps: int = 200  # marginal pretraining steps (0 = fine-tune from scratch)
+    finetune_steps: int = 600
+    pretrain_lr: Optional[float] = None  # None: train.optim.lr
+    n_samples: int = 3  # sampled populations per held-out condition (calibration needs >= 2)
+    sample_steps: Optional[int] = None  # DDIM steps for prediction (None: diffusion.sample_steps)
+    train_cells: int = 256  # training cells per group sampled for the baselines
+    profile: str = "full"  # evaluate metric profile: full | paper | vcc | minimal
+    report: bool = True
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs/demo"
@@ -299,6 +316,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 # ---------------------------------------------------------------------------------------------

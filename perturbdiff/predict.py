@@ -49,6 +49,7 @@ class PredictOptions:
     sample_steps: int | None = None  # None: the checkpoint's diffusion.sample_steps
     guidance: float | None = None
     max_controls: int = 2_000  # real control cells per context appended to the outputs
+    train_cells: int = 0  # > 0: predict_split also samples this many cells per training group (train.h5ad)
     missing_genes: str = "error"  # error | zero
     control_label: str = "control"
     seed: int = 0
@@ -187,7 +188,7 @@ class StreamingH5ad:
 
         if self._x is None:
             self._x = sparse_dataset(self.file["X"])
-        self._x.append(sp.csr_matrix(x.astype(np.float32)))
+        self._x.append(sp.csr_matrix(x, dtype=np.float32))
         k = x.shape[0]
         for key, value in zip(OBS_COLUMNS, (perturbation, context, batch, sample, is_control)):
             self.obs[key].extend(np.broadcast_to(np.asarray(value), (k,)).tolist())
@@ -290,9 +291,35 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _set_seed(seed: int, i: int, s: int, k: int) -> int:
+    """One seed per generated set (condition i, population s, chunk k): a population is the same
+    whatever the batch size or the number of processes."""
+    return int(np.random.SeedSequence([seed, 29, i, s, k]).generate_state(1)[0])
+
+
 def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | Path, opts: PredictOptions,
-            log=print) -> Path:
-    """Sample every condition's populations and stream them, then the controls, into ``out_path``."""
+            log=print) -> Path | None:
+    """Sample every condition's populations and stream them, then the controls, into ``out_path``.
+
+    Under torchrun (a process group is initialised) the sets are split into contiguous blocks, one
+    per rank, each on its own device; every rank streams its block to a part file and rank 0 joins
+    the parts in order and appends the controls. The result equals a one-process run (each set has
+    its own seed for its control draw and its x_T). Returns the path on rank 0, None elsewhere."""
     from .config import DiffusionConfig
     from .diffusion import SetDiffusion
     from .diffusion.sampler import sample_sets
@@ -301,49 +328,91 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
     normalize = NormalizeConfig(**extra.get("normalize", {}))
     diffusion = SetDiffusion(DiffusionConfig(**extra.get("diffusion", {})))
     m = int(extra.get("set_size", 256))
-    device = _device(opts.device)
+    rank, world = _rank_world()
+    device = _device(opts.device) if world == 1 or opts.device != "auto" else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     model = found.build(device=device).eval()
     marginal = diffusion.cfg.p_drop_control >= 1.0
     notes = list(pool.notes)
     cov = covariates(conditions, found.vocabularies, model, notes)
-    jobs = [(i, s, min(m, n - k)) for i, row in conditions.iterrows() for s in range(int(row["n_samples"]))
+    jobs = [(i, s, k, min(m, n - k)) for i, row in conditions.iterrows() for s in range(int(row["n_samples"]))
             for n in [int(row["n_cells"])] for k in range(0, n, m)]
-    rng = np.random.default_rng([opts.seed, 29])
-    gen = torch.Generator(device=device.type if device.type == "cuda" else "cpu").manual_seed(opts.seed)
+    lo, hi = len(jobs) * rank // world, len(jobs) * (rank + 1) // world
     G = len(found.genes)
-    writer = StreamingH5ad(out_path, found.genes)
+    out_path = Path(out_path)
+    part = out_path.with_name(f".{out_path.name}.rank{rank}") if world > 1 else out_path
+    writer = StreamingH5ad(part, found.genes)
     try:
         B = max(1, opts.sets_per_batch)
-        for start in range(0, len(jobs), B):
-            chunk = jobs[start:start + B]
+        for start in range(lo, hi, B):
+            chunk = jobs[start:min(start + B, hi)]
             ctrl = np.zeros((len(chunk), m, G), dtype=np.float32)
             ctrl_mask = np.zeros((len(chunk), m), dtype=bool)
-            for j, (i, _, _) in enumerate(chunk):
+            noise = torch.empty(len(chunk), m, G)
+            for j, (i, s, k, _) in enumerate(chunk):
                 row = conditions.iloc[i]
                 rows = pool.rows(row["context"], row["batch"])
                 if len(rows) == 0:
                     raise DataError(pool.source, f"condition (context={row['context']!r}, perturbation="
                                     f"{row['perturbation']!r}): empty control pool")
-                pick = rng.choice(rows, min(m, len(rows)), replace=False)
+                seed = _set_seed(opts.seed, i, s, k)
+                pick = np.random.default_rng(seed).choice(rows, min(m, len(rows)), replace=False)
                 ctrl[j, :len(pick)], ctrl_mask[j, :len(pick)] = pool.x[pick], not marginal
-            idx = torch.tensor([i for i, _, _ in chunk])
+                noise[j] = torch.randn(m, G, generator=torch.Generator().manual_seed(seed))
+            idx = torch.tensor([i for i, _, _, _ in chunk])
             out = sample_sets(model, diffusion, ctrl=torch.from_numpy(ctrl).to(device),
                               ctrl_mask=torch.from_numpy(ctrl_mask).to(device),
                               cov={k: v[idx].to(device) for k, v in cov.items()}, num_cells=m, num_samples=1,
-                              guidance=opts.guidance, sample_steps=opts.sample_steps, generator=gen)[:, 0]
+                              guidance=opts.guidance, sample_steps=opts.sample_steps, noise=noise)[:, 0]
             out = out.float().cpu().numpy() * normalize.scale
-            for j, (i, s, n) in enumerate(chunk):
+            for j, (i, s, _, n) in enumerate(chunk):
                 row = conditions.iloc[i]
                 writer.append(out[j, :n], row["perturbation"], row["context"], str(row["batch"]), s, False)
-            log(f"  predicted {min(start + B, len(jobs))}/{len(jobs)} sets")
-        append_controls(writer, pool, normalize, opts)
-        path = writer.close(uns={"perturbdiff": {"notes": notes, "set_size": m, "control_label": opts.control_label,
-                                                 "sample_steps": opts.sample_steps or diffusion.cfg.sample_steps}})
+            log(f"  predicted {min(start + B, hi) - lo}/{hi - lo} sets" + (f" on rank {rank}" if world > 1 else ""))
+        uns = {"perturbdiff": {"notes": notes, "set_size": m, "control_label": opts.control_label,
+                               "sample_steps": opts.sample_steps or diffusion.cfg.sample_steps, "processes": world}}
+        if world == 1:
+            append_controls(writer, pool, normalize, opts)
+            path = writer.close(uns=uns)
+        else:
+            writer.close()
     except BaseException:
         writer.abort()
         raise
-    for note in notes:
-        log(f"  note: {note}")
+    if world > 1:
+        _barrier()  # every part is complete
+        path = _join_parts(out_path, found.genes, world, pool, normalize, opts, uns) if rank == 0 else None
+        _barrier()
+    if rank == 0:
+        for note in notes:
+            log(f"  note: {note}")
+    return path
+
+
+def _join_parts(out_path: Path, genes: list[str], world: int, pool: ControlPool, normalize: NormalizeConfig,
+                opts: PredictOptions, uns: dict) -> Path:
+    """Rank 0: the ranks' part files, in rank order, then the controls, into ``out_path``."""
+    import anndata as ad
+
+    parts = [out_path.with_name(f".{out_path.name}.rank{r}") for r in range(world)]
+    writer = StreamingH5ad(out_path, genes)
+    try:
+        for part in parts:
+            a = ad.read_h5ad(part, backed="r")
+            obs = a.obs
+            for lo in range(0, a.n_obs, 4096):
+                hi = min(lo + 4096, a.n_obs)
+                o = obs.iloc[lo:hi]
+                writer.append(a.X[lo:hi], o["perturbation"].astype(str).to_numpy(), o["context"].astype(str).to_numpy(),
+                              o["batch"].astype(str).to_numpy(), o["sample"].to_numpy(), False)
+            a.file.close()
+        append_controls(writer, pool, normalize, opts)
+        path = writer.close(uns=uns)
+    except BaseException:
+        writer.abort()
+        raise
+    for part in parts:
+        part.unlink(missing_ok=True)
     return path
 
 
@@ -375,10 +444,36 @@ def real_from_store(store_path: str, groups: pd.DataFrame, genes: list[str], nor
         raise
 
 
+def train_from_store(store_path: str, groups: pd.DataFrame, genes: list[str], normalize: NormalizeConfig,
+                     out_path: str | Path, opts: PredictOptions) -> Path:
+    """Training cells for the baselines: at most ``opts.train_cells`` cells of every group in
+    ``groups`` (seeded), control groups labelled ``opts.control_label``. The baselines only need
+    pseudobulk means, so a sample per group bounds the file for a store of any size."""
+    from .data.store import CellStore
+
+    store = CellStore(store_path)
+    panel_map, _ = _gene_map(store.gene_ids, genes, "zero", str(store_path))
+    rng = np.random.default_rng([opts.seed, 31])
+    writer = StreamingH5ad(out_path, genes)
+    try:
+        for _, g in groups.iterrows():
+            rows = _sample(np.arange(int(g["start"]), int(g["start"]) + int(g["n"])), opts.train_cells, rng)
+            indptr, indices, data = store.read_csr(rows)
+            x = to_dense(indptr, indices, data, panel_map, len(genes), normalize, store.value_kind)
+            label = opts.control_label if bool(g["is_control"]) else g["perturbation"]
+            writer.append(x * normalize.scale, label, g["context"], g["batch"], -1, bool(g["is_control"]))
+        return writer.close(uns={"perturbdiff": {"control_label": opts.control_label,
+                                                 "cells_per_group": opts.train_cells}})
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def predict_split(found, store_path: str, split_cfg, split: str, out_dir: str | Path, opts: PredictOptions,
-                  log=print) -> tuple[Path, Path]:
+                  log=print) -> tuple[Path, ...]:
     """Predict every group of ``split`` in a store (one condition per group, its size in cells) and
-    write the truth beside it: (pred.h5ad, real.h5ad)."""
+    write the truth beside it: (pred.h5ad, real.h5ad[, train.h5ad]). With ``opts.train_cells`` > 0 a
+    sample of the training groups (and the controls) goes to train.h5ad, for the baselines."""
     from .data.splits import assign_splits
     from .data.store import CellStore
 
@@ -398,5 +493,14 @@ def predict_split(found, store_path: str, split_cfg, split: str, out_dir: str | 
     log(f"predicting {len(conditions)} {split} condition(s), {int(conditions['n_cells'].sum()):,} cells x "
         f"{opts.n_samples} population(s)")
     pred = predict(found, conditions, pool, out_dir / "pred.h5ad", opts, log)
+    if pred is None:  # not rank 0 of a multi-process prediction: rank 0 writes the rest
+        return ()
     real = real_from_store(store_path, groups, genes, normalize, pool, out_dir / "real.h5ad", opts)
-    return pred, real
+    if opts.train_cells <= 0:
+        return pred, real
+    keep = ((labels == "train") | (labels == "control")) & (cond["n"] > 0).to_numpy()
+    log(f"sampling up to {opts.train_cells} cells of each of {int(keep.sum())} training/control group(s) for the "
+        "baselines -> train.h5ad")
+    train = train_from_store(store_path, cond[keep].reset_index(drop=True), genes, normalize,
+                             out_dir / "train.h5ad", opts)
+    return pred, real, train

@@ -535,3 +535,30 @@ def run_convert(cfg: ShardConfig, env: dict | None = None, timeout: float = 120)
     e.update(env or {})
     return subprocess.run([sys.executable, "-c", convert_script(cfg)], cwd=str(REPO), env=e, capture_output=True,
                           timeout=timeout)
+
+
+def random_foundation(store: Path, out: Path, split, set_size: int = 8, noise: float = 0.05, seed: int = 0) -> Path:
+    """A foundation for ``store`` whose weights are the initialisation plus Gaussian noise, so that
+    (unlike an untrained adaLN-Zero model, whose output is 0) predictions depend on every input."""
+    import dataclasses
+
+    import torch
+
+    from perturbdiff.config import DiffusionConfig, ModelConfig, NormalizeConfig
+    from perturbdiff.data.loader import SetLoader
+    from perturbdiff.models import build_model
+    from perturbdiff.train.checkpoint import save_foundation
+
+    loader = SetLoader(data_cfg(store, split=split), "train", log=lambda *a: None)
+    vocabs = loader.vocabularies
+    cfg = ModelConfig(size="tiny")
+    torch.manual_seed(seed)
+    model = build_model(cfg, len(loader.gene_ids), {k: len(v) for k, v in vocabs.items()})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn_like(p))
+    extra = {"set_size": set_size, "normalize": dataclasses.asdict(NormalizeConfig()),
+             "diffusion": dataclasses.asdict(DiffusionConfig(kme_impl="torch", steps=50))}
+    save_foundation(out, model.state_dict(), model_cfg=cfg, genes=list(loader.gene_ids), vocabularies=vocabs,
+                    extra=extra)
+    return out

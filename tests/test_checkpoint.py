@@ -168,6 +168,32 @@ def test_ema_updates_every_n_steps_and_round_trips():
     assert all(torch.equal(p.detach(), ema.shadow[n]) for n, p in target.named_parameters())
 
 
+def test_ema_warmup_forgets_the_initialisation():
+    """decay_n = min(decay, (1 + n) / (10 + n)): the n-th update against a float64 recurrence, and the
+    weight left on the initial parameters after 60 updates (0.55 without warm-up at decay 0.99)."""
+    model = _model()
+    p0 = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    ema, plain = EMA(model, decay=0.99, every=1, warmup=True), EMA(model, decay=0.99, every=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    w_init = 1.0
+    for n in range(60):
+        assert ema.current_decay() == pytest.approx(min(0.99, (1 + n) / (10 + n)))
+        ema.step(model, n + 1)
+        plain.step(model, n + 1)
+        w_init *= min(0.99, (1 + n) / (10 + n))
+    for name, p in model.named_parameters():
+        expect = w_init * p0[name] + (1 - w_init) * p.detach().double()
+        torch.testing.assert_close(ema.shadow[name].double(), expect, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain.shadow[name].double(), 0.99 ** 60 * p0[name] + (1 - 0.99 ** 60) * p.detach().double(),
+                                   atol=1e-5, rtol=1e-5)
+    assert w_init < 1e-6 < 0.5 < 0.99 ** 60
+    restored = EMA(_model(seed=3), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.warmup and restored.current_decay() == ema.current_decay()
+
+
 def test_fine_tune_init_from_a_marginal_foundation_reports_everything(tmp_path):
     from perturbdiff.train.transfer import init_from_foundation
     torch.manual_seed(0)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from perturbdiff.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,25 +18,50 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+TINY = ("synth.num_cells=3000", "synth.num_genes=200", "synth.cells_per_file=1000", "synth.num_workers=1",
+        "shard.cells_per_part=1000", "shard.num_workers=1", "shard.hvg.num_top_genes=64", "data.panel.num_genes=64",
+        "data.set_size=16", "data.sets_per_batch=2", "data.num_workers=0")
+
+
 def test_demo_main_job_tiny(tmp_path):
+    """The main job end to end at toy scale: every stage runs and leaves its outputs."""
     out = tmp_path / "run"
-    res = run_cli("demo", "--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}",
-                  "synth.num_cells=3000", "synth.num_genes=200", "synth.cells_per_file=1000",
-                  "shard.cells_per_part=1000", "shard.hvg.num_top_genes=100", "data.panel.num_genes=100",
-                  "data.set_size=16", "data.sets_per_batch=2", "data.num_workers=0", "stream.num_batches=5",
-                  "wds.epochs=1", "wds.sets_per_shard=8")
+    res = run_cli("demo", "--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", *TINY,
+                  "pipeline.pretrain_steps=4", "pipeline.finetune_steps=6", "pipeline.n_samples=2",
+                  "pipeline.sample_steps=4", "pipeline.train_cells=32", "train.val_every=3", "train.sample_every=6",
+                  "train.log_every=2")
     assert res.returncode == 0, res.stderr[-3000:]
-    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "sets/s", "done in"):
-        assert step in res.stdout, (step, res.stdout[-2000:])
+    for k in range(1, 8):
+        assert f"[{k}/7]" in res.stdout, (k, res.stdout[-3000:])
+    assert "done in" in res.stdout and f"Report: {out / 'report' / 'index.html'}" in res.stdout
     assert (out / "store.zarr" / "manifest.json").is_file()
-    assert list((out / "wds").glob("sets-*.tar"))
-    # the resolved config is saved next to the outputs and loads back to the same run
+    for stage in ("pretrain", "finetune"):
+        assert (out / stage / "foundation" / "model.safetensors").is_file()
+        assert (out / stage / "metrics.jsonl").stat().st_size > 0
+    assert {p.name for p in (out / "predict").iterdir()} == {"pred.h5ad", "real.h5ad", "train.h5ad"}
+    metrics = pd.read_csv(out / "eval" / "metrics.csv")
+    assert set(metrics["method"]) == {"model", "control_mean", "perturbation_mean", "linear", "ceiling"}
+    # the held-out conditions recorded in the saved config are exactly the ones evaluated
     cfg = load_config([str(out / "config.yaml")])
     assert isinstance(cfg, RunConfig) and cfg.synth.num_cells == 3000 and cfg.data.set_size == 16
-    assert (out / "store.zarr" / "config.yaml").is_file() and (out / "wds" / "config.yaml").is_file()
-    # a second run reuses the finished store
-    res2 = run_cli("verify", str(out / "store.zarr"), "--sources", str(out / "source"))
-    assert res2.returncode == 0 and "verified" in res2.stdout
+    rule = cfg.data.split.test[0]
+    model = metrics[metrics["method"] == "model"]
+    assert set(model["context"]) == set(rule.contexts)
+    assert set(model["perturbation"]) == set(rule.perturbations)
+    html = (out / "report" / "index.html").read_text()
+    assert "data:image/png;base64," in html and "finetune" in html
+    # a second run finds everything done: the store is verified, training resumes at its last step
+    res2 = run_cli("demo", "--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", *TINY,
+                   "pipeline.pretrain_steps=4", "pipeline.finetune_steps=6", "pipeline.n_samples=2",
+                   "pipeline.sample_steps=4", "pipeline.train_cells=32", "pipeline.report=false")
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    assert "exists: verify it" in res2.stdout and "[6/6]" in res2.stdout
+
+
+def test_pipeline_needs_a_test_split(tmp_path):
+    res = run_cli("pipeline", f"out_dir={tmp_path}", "data.split.test=[]")
+    assert res.returncode == 2
+    assert "data.split.test is empty" in res.stderr
 
 
 def test_unknown_key_is_a_clear_error(tmp_path):
@@ -45,10 +72,11 @@ def test_unknown_key_is_a_clear_error(tmp_path):
 
 def test_verify_detects_damage(tmp_path):
     out = tmp_path / "run"
-    res = run_cli("demo", f"out_dir={out}", "synth.num_cells=1500", "synth.num_genes=100",
-                  "synth.cells_per_file=1500", "synth.num_workers=1", "shard.num_workers=1",
-                  "shard.hvg.num_top_genes=50", "data.panel.num_genes=50", "data.set_size=8",
-                  "data.num_workers=0", "stream.num_batches=2", "wds.epochs=1")
+    res = run_cli("synth", f"out_dir={out}", "synth.num_cells=1500", "synth.num_genes=100",
+                  "synth.cells_per_file=1500", "synth.num_workers=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("shard", f"out_dir={out}", f"shard.inputs=[{out / 'source'}]", "shard.num_workers=1",
+                  "shard.hvg.num_top_genes=50")
     assert res.returncode == 0, res.stderr[-3000:]
     chunk = next(p for p in sorted((out / "store.zarr" / "X" / "data" / "c").rglob("*")) if p.is_file())
     raw = bytearray(chunk.read_bytes())

@@ -29,11 +29,14 @@ def _repeat(v: torch.Tensor | None, times: int) -> torch.Tensor | None:
 def sample_sets(model, diffusion: SetDiffusion, *, ctrl: torch.Tensor, ctrl_mask: torch.Tensor,
                 cov: dict[str, torch.Tensor], num_cells: int, num_samples: int = 1,
                 guidance: float | None = None, sample_steps: int | None = None, respacing: str | None = None,
-                cutoff: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                cutoff: float | None = None, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
     """Populations for B conditions: [B, S, m, G] (S = num_samples, m = num_cells).
 
     ctrl [B, C, G] and ctrl_mask [B, C] are each condition's control set; cov holds [B] covariates.
-    The config's guidance / sample_steps / respacing / cutoff are used unless given here."""
+    The config's guidance / sample_steps / respacing / cutoff are used unless given here. DDIM is
+    deterministic given x_T: ``noise`` [B * S, m, G] (condition-major) fixes it, so a population
+    does not depend on which others share its batch; otherwise x_T is drawn from ``generator``."""
     cfg = diffusion.cfg
     w = cfg.guidance if guidance is None else guidance
     K = cfg.sample_steps if sample_steps is None else sample_steps
@@ -54,8 +57,13 @@ def sample_sets(model, diffusion: SetDiffusion, *, ctrl: torch.Tensor, ctrl_mask
                   cov={k: v.repeat(halves) for k, v in cov_s.items()},
                   drop_cov=torch.arange(halves * B * S, device=device) >= B * S)  # second half: no covariates
 
-    gen_device = generator.device if generator is not None else device
-    x = torch.randn(B * S, num_cells, G, generator=generator, device=gen_device).to(device, dtype)  # x_T
+    if noise is not None:
+        if tuple(noise.shape) != (B * S, num_cells, G):
+            raise ValueError(f"noise must be [B * S, m, G] = {[B * S, num_cells, G]}, got {list(noise.shape)}")
+        x = noise.to(device, dtype)  # x_T
+    else:
+        gen_device = generator.device if generator is not None else device
+        x = torch.randn(B * S, num_cells, G, generator=generator, device=gen_device).to(device, dtype)  # x_T
     sched = diffusion.schedule
     x0 = torch.zeros_like(x)
     for i, t_now in enumerate(steps):

@@ -388,11 +388,20 @@ def predict_perturbation_mean(train: ad.AnnData, conditions, controls: ad.AnnDat
 
 
 def _scores(z: np.ndarray, k: int) -> np.ndarray:
-    """[n, k] principal-component scores of the rows of centred ``z`` [n, m] (columns beyond the rank are 0)."""
-    u, s, _ = np.linalg.svd(z, full_matrices=False)
-    out = np.zeros((z.shape[0], k))
-    r = min(k, s.size)
-    out[:, :r] = u[:, :r] * s[:r]
+    """[n, k] principal-component scores of the rows of centred ``z`` [n, m] (columns beyond the rank are 0):
+    U_k S_k of the SVD, from the eigen-decomposition of the smaller Gram matrix (float64; the top
+    components only, so squaring the condition number does not matter). Signs are arbitrary, as in SVD."""
+    n, m = z.shape
+    out = np.zeros((n, k))
+    if z.size == 0:
+        return out
+    small = z.T @ z if m <= n else z @ z.T
+    w, v = np.linalg.eigh(small)
+    order = np.argsort(w)[::-1][:k]
+    w, v = np.clip(w[order], 0.0, None), v[:, order]
+    keep = w > w[0] * 1e-20 if w.size and w[0] > 0 else np.zeros(w.size, dtype=bool)
+    r = int(keep.sum())
+    out[:, :r] = z @ v[:, :r] if m <= n else v[:, :r] * np.sqrt(w[:r])
     return out
 
 

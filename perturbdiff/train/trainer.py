@@ -80,7 +80,7 @@ class Trainer:
         if optim.ema_every > 0:
             with engine.full_parameters():
                 if self.main:
-                    self.ema = EMA(engine.module, optim.ema_decay, optim.ema_every)
+                    self.ema = EMA(engine.module, optim.ema_decay, optim.ema_every, optim.ema_warmup)
         self._batches = None
         self._terms: list[torch.Tensor] = []
         self.peak = peak_flops(self.device, engine.precision)
@@ -270,7 +270,8 @@ class Trainer:
         pdist.barrier()
         client = {"step": self.step, "mode": self.mode, "world": self.world, "loader": self.train_loader.state_dict()}
         if self.ema is not None:
-            client["ema"] = {"decay": self.ema.decay, "every": self.ema.every, "num_updates": self.ema.num_updates}
+            client["ema"] = {"decay": self.ema.decay, "every": self.ema.every, "num_updates": self.ema.num_updates,
+                             "warmup": self.ema.warmup}
         self.engine.save(tmp, client)
         rng = {"generator": self.gen.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":

@@ -1,0 +1,317 @@
+"""``perturbdiff evaluate``: the model's prediction scored beside the baselines, written to a directory.
+
+    perturbdiff evaluate --dir PREDICT_OUT                        (pred.h5ad, real.h5ad[, train.h5ad])
+    perturbdiff evaluate --pred pred.h5ad --real real.h5ad [--train train.h5ad] --out EVAL_OUT
+
+Inputs are in the evaluation layout (``perturbdiff.predict``): log-normalised ``.X``, obs perturbation,
+context, batch (the replicate), sample (population index, -1 for real cells), the same genes in the
+same order, the same real control cells in pred and real. Methods scored, each on the same real
+cells with the same metric suite (``perturbdiff.eval.suite``: cell-eval 0.6.6's metrics + R^2):
+
+    model               the prediction
+    control_mean        resampled real controls ("no effect"; needs nothing else)
+    perturbation_mean   cell-eval's baseline, from the training cells (needs train)
+    linear              Ahlmann-Eltze et al. 2024, per-context offset (needs train)
+    ceiling             split halves of the real cells (an upper bound: real vs real)
+
+plus, per condition, MMD^2 and energy distance between predicted and real cells, and the replicate
+calibration of the K sampled populations (``perturbdiff.eval.distribution``). Outputs (``--out``):
+
+    metrics.csv         one row per (method, context, perturbation): every metric, mmd2, energy_distance
+    aggregated.csv      method, metric, count, mean, median, std, min, max (NaN skipped)
+    per_context.csv     the same per (method, context, metric)
+    scores.csv          cell-eval's normalised score of each method against perturbation_mean
+                        (``cell-eval score``: best-1 metrics (u-b)/(1-b), best-0 metrics 1-u/b, NaN->0,
+                        clipped at 0; avg_score = their mean)
+    calibration.csv     per condition: coverage at 50/80/90% vs nominal, PIT mean / variance ratio
+    summary.json        inputs, options, headline table (method x metric means), notes, timings
+
+Everything is written under a temporary directory that replaces ``--out`` only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data.schema import DataError
+
+#: metrics whose best value is 1 / 0 (cell-eval's registry; r_squared and the counts are not in it,
+#: so, as in ``cell-eval score``, they are not part of the normalised score)
+BEST_ONE = ("pearson_delta", "discrimination_score_l1", "discrimination_score_l2", "discrimination_score_cosine",
+            "pearson_edistance", "overlap_at_N", "overlap_at_50", "overlap_at_100", "overlap_at_200",
+            "precision_at_N", "precision_at_50", "precision_at_100", "precision_at_200", "de_spearman_sig",
+            "de_direction_match", "de_spearman_lfc_sig", "de_sig_genes_recall", "pr_auc", "roc_auc")
+BEST_ZERO = ("mse", "mae", "mse_delta", "mae_delta")
+HEADLINE = ("pearson_delta", "mae", "mse_delta", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
+            "de_spearman_lfc_sig", "r_squared", "energy_distance", "mmd2")
+PROFILES = {
+    "full": None,
+    # the metrics the PerturbDiff paper's tables report (reference/anchors.md section 2.4)
+    "paper": ("pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "overlap_at_50",
+              "overlap_at_100", "overlap_at_200", "precision_at_N", "de_direction_match", "de_spearman_lfc_sig",
+              "de_spearman_sig", "roc_auc", "pr_auc", "r_squared"),
+    "vcc": ("mae", "discrimination_score_l1", "overlap_at_N"),
+    "minimal": ("pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "precision_at_N",
+                "de_nsig_counts"),
+}
+METHODS = ("model", "control_mean", "perturbation_mean", "linear", "ceiling")
+NEEDS_TRAIN = ("perturbation_mean", "linear")
+SCORE_BASELINE = "perturbation_mean"
+
+
+@dataclass
+class EvaluateOptions:
+    control_label: str = "control"
+    profile: str = "full"  # full | paper | vcc | minimal
+    de_fdr: float = 0.05
+    methods: tuple[str, ...] = METHODS  # those needing train are skipped (noted) without one
+    distances: bool = True
+    calibration: bool = True
+    cap: int = 2_000  # cells per side for the distances
+    seed: int = 0
+
+
+@dataclass
+class Evaluation:
+    out: Path
+    metrics: pd.DataFrame
+    aggregated: pd.DataFrame
+    scores: pd.DataFrame
+    calibration: pd.DataFrame | None
+    summary: dict = field(default_factory=dict)
+
+
+def _read(path: str | Path, what: str):
+    import anndata as ad
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"{what} AnnData not found")
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as err:  # h5py / anndata raise many types for a damaged file
+        raise DataError(path, f"cannot read {what} AnnData: {err}") from None
+    for col in ("perturbation", "context"):
+        if col not in adata.obs.columns:
+            raise DataError(path, f"{what}: obs has no column {col!r} (columns: {list(adata.obs.columns)[:12]}); "
+                            "the evaluation layout needs perturbation and context")
+    return adata
+
+
+def _check_pair(real, pred, paths: dict, control: str) -> None:
+    """The errors a user meets first, naming the file: genes, control label, conditions."""
+    gr, gp = real.var_names.astype(str).to_numpy(), pred.var_names.astype(str).to_numpy()
+    if len(gr) != len(gp) or not np.array_equal(gr, gp):
+        only_p = [g for g in gp if g not in set(gr)][:5]
+        only_r = [g for g in gr if g not in set(gp)][:5]
+        how = ("the same genes in another order" if not only_p and not only_r and len(gr) == len(gp)
+               else f"only in pred: {only_p}; only in real: {only_r}")
+        raise DataError(paths["pred"], f"var_names differ from {paths['real']} ({len(gp)} vs {len(gr)} genes; "
+                        f"{how}): predict and evaluate on one gene vocabulary")
+    for adata, which in ((real, "real"), (pred, "pred")):
+        labels = adata.obs["perturbation"].astype(str)
+        if not (labels == control).any():
+            seen = sorted(labels.unique())[:8]
+            raise DataError(paths[which], f"no control cells: no obs['perturbation'] equals {control!r} "
+                            f"(labels include {seen}); pass --control-label")
+    key = lambda a: set(zip(a.obs["context"].astype(str), a.obs["perturbation"].astype(str)))  # noqa: E731
+    missing = sorted(c for c in key(pred) - key(real) if c[1] != control)
+    if missing:
+        raise DataError(paths["pred"], f"condition(s) (context, perturbation) {missing[:5]} have no real cells in "
+                        f"{paths['real']}")
+
+
+def _real_only(adata):
+    if "sample" not in adata.obs.columns:
+        return adata
+    return adata[adata.obs["sample"].to_numpy().astype(np.int64) < 0].copy()
+
+
+def _conditions(real, pred, control: str) -> pd.DataFrame:
+    """Held-out conditions with the real cell counts (baselines predict as many cells as real has)."""
+    is_pert = pred.obs["perturbation"].astype(str).to_numpy() != control
+    keys = set(zip(pred.obs["context"].astype(str)[is_pert], pred.obs["perturbation"].astype(str)[is_pert]))
+    obs = real.obs[["context", "perturbation"]].astype(str)
+    counts = obs.value_counts().rename("n_cells").reset_index()
+    counts = counts[[(c, p) in keys for c, p in zip(counts["context"], counts["perturbation"])]]
+    return counts.sort_values(["context", "perturbation"]).reset_index(drop=True)
+
+
+def _baseline(name: str, train, conditions: pd.DataFrame, real, opts: EvaluateOptions):
+    """(pred, truth) of one baseline; the truth is ``real`` except for the split-half ceiling."""
+    from .eval import baselines as bl
+
+    control = opts.control_label
+    controls = real[(real.obs["perturbation"].astype(str) == control).to_numpy()].copy()
+    rng = np.random.default_rng([opts.seed, METHODS.index(name)])
+    if name == "control_mean":
+        return bl.predict_control_mean(controls, conditions, controls, rng, control_label=control), real
+    if name == "perturbation_mean":
+        return bl.predict_perturbation_mean(train, conditions, controls, rng, control_label=control), real
+    if name == "linear":
+        return bl.predict_linear(train, conditions, controls, rng, control_label=control, context_offset=True), real
+    if name == "ceiling":
+        return bl.predict_ceiling(real, conditions, controls, rng, control_label=control)
+    raise ValueError(f"unknown method {name!r}; known: {list(METHODS)}")
+
+
+def normalised_scores(aggregated: pd.DataFrame, baseline: str = SCORE_BASELINE) -> pd.DataFrame:
+    """cell-eval's ``score`` of every method's mean metrics against ``baseline``'s (long table:
+    method, metric, from_baseline; one ``avg_score`` row per method)."""
+    from .eval.baselines import normalised_score
+
+    mean = aggregated.pivot(index="method", columns="metric", values="mean")
+    if baseline not in mean.index:
+        return pd.DataFrame(columns=["method", "metric", "from_baseline"])
+    rows = []
+    for method in mean.index:
+        vals = []
+        for metric, best_one in [(m, False) for m in BEST_ZERO] + [(m, True) for m in BEST_ONE]:
+            if metric in mean.columns:
+                s = normalised_score(mean.at[method, metric], mean.at[baseline, metric], best_one)
+                vals.append(s)
+                rows.append({"method": method, "metric": metric, "from_baseline": s})
+        rows.append({"method": method, "metric": "avg_score", "from_baseline": float(np.mean(vals)) if vals else np.nan})
+    return pd.DataFrame(rows)
+
+
+def _describe_long(per: pd.DataFrame, metrics: list[str], by: list[str]) -> pd.DataFrame:
+    long = per.melt(id_vars=by, value_vars=metrics, var_name="metric", value_name="value")
+    g = long.groupby(by + ["metric"], sort=False)["value"]
+    out = pd.DataFrame({"count": g.count(), "mean": g.mean(), "median": g.median(), "std": g.std(ddof=1),
+                        "min": g.min(), "max": g.max()}).reset_index()
+    return out
+
+
+def evaluate_files(pred: str | Path, real: str | Path, out: str | Path, train: str | Path | None = None,
+                   opts: EvaluateOptions | None = None, log=print) -> Evaluation:
+    """Score ``pred`` and the baselines against ``real``; write the tables of the module docstring."""
+    from .eval.distribution import condition_distances, replicate_calibration
+    from .eval.suite import evaluate
+
+    opts = opts or EvaluateOptions()
+    if opts.profile not in PROFILES:
+        raise DataError(None, f"unknown profile {opts.profile!r}; known: {list(PROFILES)}")
+    unknown = [m for m in opts.methods if m not in METHODS]
+    if unknown:
+        raise DataError(None, f"unknown method(s) {unknown}; known: {list(METHODS)}")
+    t0 = time.time()
+    paths = {"pred": str(pred), "real": str(real), "train": str(train) if train else None}
+    pred_ad, real_ad = _read(pred, "pred"), _read(real, "real")
+    _check_pair(real_ad, pred_ad, paths, opts.control_label)
+    real_ad = _real_only(real_ad)
+    train_ad = _read(train, "train") if train else None
+    if train_ad is not None:
+        gt = train_ad.var_names.astype(str).to_numpy()
+        if not np.array_equal(gt, real_ad.var_names.astype(str).to_numpy()):
+            raise DataError(train, f"var_names differ from {real}: the training cells must be on the same genes")
+    conditions = _conditions(real_ad, pred_ad, opts.control_label)
+    notes: dict[str, list[str]] = {}
+    per, timings = [], {}
+    methods = [m for m in opts.methods if train_ad is not None or m not in NEEDS_TRAIN]
+    skipped = [m for m in opts.methods if m not in methods]
+    if skipped:
+        notes["all"] = [f"baseline(s) {skipped} need the training cells (--train, or predict --train-cells): skipped"]
+    log(f"evaluating {len(conditions)} condition(s) in {conditions['context'].nunique()} context(s): "
+        f"{', '.join(methods)}")
+    for method in methods:
+        t1 = time.time()
+        if method == "model":
+            p, r, extra = pred_ad, real_ad, []
+        else:
+            p, r = _baseline(method, train_ad, conditions, real_ad, opts)
+            extra = list(p.uns.get("baseline", {}).get("notes", []))
+        try:
+            res = evaluate(r, p, control=opts.control_label, metrics=PROFILES[opts.profile], de_fdr=opts.de_fdr)
+        except ValueError as err:
+            raise DataError(paths["pred"] if method == "model" else None, f"{method}: {err}") from None
+        table = res.per_condition.assign(method=method)
+        if opts.distances:
+            d = condition_distances(p, r, conditions[["context", "perturbation"]], cap=opts.cap, seed=opts.seed,
+                                    control_label=opts.control_label)
+            table = table.merge(d[["context", "perturbation", "mmd2", "energy_distance"]],
+                                on=["context", "perturbation"], how="left")
+        per.append(table)
+        notes[method] = extra + list(res.notes)
+        timings[method] = round(time.time() - t1, 2)
+        log(f"  {method:<18} pearson_delta {table['pearson_delta'].mean() if 'pearson_delta' in table else np.nan:.3f}"
+            f"  ({timings[method]:.1f}s)")
+    metrics = pd.concat(per, ignore_index=True)
+    front = ["method", "context", "perturbation", "n_cells_real", "n_cells_pred"]
+    metrics = metrics[front + [c for c in metrics.columns if c not in front]]
+    names = [c for c in metrics.columns if c not in front]
+    aggregated = _describe_long(metrics, names, ["method"])
+    per_context = _describe_long(metrics, names, ["method", "context"])
+    scores = normalised_scores(aggregated)
+    calib = None
+    if opts.calibration and "model" in methods:
+        t1 = time.time()
+        calib = replicate_calibration(pred_ad, real_ad, conditions[["context", "perturbation"]], seed=opts.seed,
+                                      control_label=opts.control_label)
+        timings["calibration"] = round(time.time() - t1, 2)
+    headline = aggregated[aggregated["metric"].isin(HEADLINE)].pivot(index="method", columns="metric", values="mean")
+    headline = headline.reindex(index=[m for m in METHODS if m in headline.index],
+                                columns=[m for m in HEADLINE if m in headline.columns])
+    summary = {
+        "inputs": paths, "options": asdict(opts), "n_conditions": int(len(conditions)),
+        "contexts": sorted(conditions["context"].unique().tolist()), "methods": methods,
+        "headline": json.loads(headline.to_json(orient="index")),
+        "avg_score": {r.method: r.from_baseline for r in scores[scores["metric"] == "avg_score"].itertuples()},
+        "score_baseline": SCORE_BASELINE, "notes": notes, "seconds": timings,
+        "n_samples": int(pred_ad.obs["sample"].max()) + 1 if "sample" in pred_ad.obs.columns else 1,
+        "reference": "cell-eval 0.6.6 metric definitions (perturbdiff.eval.suite)",
+    }
+    if calib is not None and len(calib):
+        cov = [c for c in calib.columns if c.startswith("coverage_") or c.startswith("nominal_")]
+        summary["calibration"] = {c: float(np.nanmean(calib[c])) if calib[c].notna().any() else None
+                                  for c in cov + ["pit_mean", "pit_var_ratio"]}
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    metrics.to_csv(tmp / "metrics.csv", index=False)
+    aggregated.to_csv(tmp / "aggregated.csv", index=False)
+    per_context.to_csv(tmp / "per_context.csv", index=False)
+    scores.to_csv(tmp / "scores.csv", index=False)
+    if calib is not None:
+        calib.drop(columns=["pit_hist"]).assign(
+            pit_hist=[json.dumps(list(map(int, h))) if h is not None else "" for h in calib["pit_hist"]]
+        ).to_csv(tmp / "calibration.csv", index=False)
+    summary["seconds"]["total"] = round(time.time() - t0, 2)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return Evaluation(out, metrics, aggregated, scores, calib, summary)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if np.isnan(o) else float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def format_table(ev: Evaluation, metrics=HEADLINE) -> str:
+    """The headline metrics, one row per method, as aligned text (for the terminal)."""
+    cols = [m for m in metrics if m in ev.aggregated["metric"].unique()]
+    mean = ev.aggregated.pivot(index="method", columns="metric", values="mean").reindex(columns=cols)
+    mean = mean.reindex([m for m in METHODS if m in mean.index])
+    avg = {r.method: r.from_baseline for r in ev.scores[ev.scores["metric"] == "avg_score"].itertuples()}
+    head = f"{'method':<18}" + "".join(f"{c[:14]:>15}" for c in cols) + f"{'score':>8}"
+    lines = [head]
+    for method, row in mean.iterrows():
+        lines.append(f"{method:<18}" + "".join(f"{v:>15.4f}" for v in row.to_numpy())
+                     + f"{avg.get(method, float('nan')):>8.3f}")
+    return "\n".join(lines)

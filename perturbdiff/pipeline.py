@@ -1,0 +1,205 @@
+"""The end-to-end job: data -> store -> pretrain -> fine-tune -> predict -> evaluate -> report.
+
+    perturbdiff demo     [--config F ...] [key=value ...]   synthesise a dataset first (the main job)
+    perturbdiff pipeline [--config F ...] [key=value ...]   any data preset (configs/data/*.yaml)
+
+Everything lands under ``out_dir``:
+
+    source/            (demo) the synthetic Tahoe-format parquet files and their ground truth
+    store.zarr/        the sharded store (built from ``shard.inputs`` when it does not exist yet)
+    pretrain/          marginal pretraining run: metrics.jsonl, tensorboard/, foundation/
+    finetune/          fine-tuning run from the pretrained foundation, same layout
+    predict/           pred.h5ad, real.h5ad (the test split's truth), train.h5ad (for the baselines)
+    eval/              metrics.csv, aggregated.csv, scores.csv, calibration.csv, summary.json
+    report/index.html  the report (one self-contained page) and its PNGs
+
+Both training stages run in this process (plain torch, one device: a GPU when there is one). At
+scale the same stages are the launchers (``deepspeed launch/pretrain.py``, ``torchrun
+launch/finetune.py``) followed by ``perturbdiff predict / evaluate / report`` (see the README).
+Each stage is restartable: a finished training run resumes at its last step (nothing to do), and
+``--overwrite`` starts the training stages afresh.
+
+This module and ``cli.py`` are the application layer: the only parts of ``perturbdiff`` that call
+into ``data_sharding``.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+
+from .config import ConfigError, HoldoutRule, RunConfig, save_config
+
+
+class Stages:
+    """Numbered stage headers with the elapsed time: ``[3/7] pretrain ...  (+41s)``."""
+
+    def __init__(self, total: int, log=print):
+        self.total, self.k, self.t0, self.log = total, 0, time.time(), log
+
+    def __call__(self, text: str) -> None:
+        self.k += 1
+        self.log(f"[{self.k}/{self.total}] {text}  (t+{time.time() - self.t0:.0f}s)")
+
+
+def demo_holdout(source: Path) -> tuple[HoldoutRule, HoldoutRule]:
+    """(test, val) rules for the synthetic data: the 4 strongest drug-dose effects in one cell line
+    are held out for testing (a context x perturbation split in the paper's style), the 2 strongest
+    in another cell line for validation, whatever the synthetic size settings."""
+    import pandas as pd
+
+    cond = pd.read_parquet(source / "ground_truth" / "conditions.parquet")
+    lines = sorted(cond["cell_line_id"].unique())
+
+    def strongest(line, k):
+        top = cond[cond["cell_line_id"] == line].sort_values("effect_norm", ascending=False).head(k)
+        return HoldoutRule(contexts=[str(line)], perturbations=[str(p) for p in top["drugname_drugconc"]])
+
+    return strongest(lines[-1], 4), strongest(lines[0], 2)
+
+
+def synthesise(cfg: RunConfig, overwrite: bool, stage: Stages) -> bool:
+    """[demo] write the synthetic source; returns whether it was (re)generated."""
+    from data_sharding.synthetic import generate
+
+    stage(f"synthesise {cfg.synth.num_cells:,} cells x {cfg.synth.num_genes:,} genes (Tahoe-100M parquet "
+          f"schema, known drug effects) -> {cfg.synth.out_dir}")
+    if overwrite:
+        shutil.rmtree(cfg.synth.out_dir, ignore_errors=True)
+    try:
+        summary = generate(cfg.synth)
+    except ValueError as err:
+        raise ConfigError(f"{err} (pass --overwrite to replace it, or choose another out_dir=...)") from None
+    if not cfg.data.split.test and not cfg.data.split.val:
+        test, val = demo_holdout(Path(cfg.synth.out_dir))
+        cfg.data.split.test, cfg.data.split.val = [test], [val]
+        print(f"      held out for testing: {len(test.perturbations)} drug-dose conditions in {test.contexts[0]} "
+              f"(validation: {len(val.perturbations)} in {val.contexts[0]})")
+    if not cfg.shard.inputs:
+        cfg.shard.inputs = [cfg.synth.out_dir]
+    return summary["num_written"] > 0
+
+
+def build_store(cfg: RunConfig, overwrite: bool, stage: Stages, sources: str | None = None) -> None:
+    """Shard ``shard.inputs`` into ``data.store`` unless a complete store is there; verify it."""
+    from data_sharding.convert import convert
+    from data_sharding.verify import verify
+
+    store = Path(cfg.data.store)
+    if (store / "manifest.json").is_file() and not overwrite:
+        stage(f"store {store} exists: verify it")
+    else:
+        if not cfg.shard.inputs:
+            raise ConfigError(f"no store at {store} and shard.inputs is empty: give the source files, "
+                              "e.g. shard.inputs=[path/to/data.h5ad]")
+        stage(f"shard {', '.join(map(str, cfg.shard.inputs))} -> {store}")
+        if Path(cfg.shard.out) != store:
+            raise ConfigError(f"shard.out ({cfg.shard.out}) and data.store ({store}) differ: the pipeline "
+                              "trains on the store it builds")
+        convert(cfg.shard, overwrite=overwrite)
+        save_config(cfg, cfg.shard.out)
+    summary = verify(str(store), sources, log=lambda s: None)
+    print(f"      ok: {summary['num_cells']:,} cells, {summary['num_groups']:,} groups, "
+          f"{summary['arrays_checked']} checksums verified")
+
+
+def _stage_config(cfg: RunConfig, name: str, steps: int, lr: float | None) -> RunConfig:
+    sub = copy.deepcopy(cfg)
+    sub.out_dir = str(Path(cfg.out_dir) / name)
+    sub.train.max_steps = steps
+    if lr is not None:
+        sub.train.optim.lr = lr
+    sub.train.optim.warmup_steps = min(sub.train.optim.warmup_steps, max(1, steps // 10))
+    return sub
+
+
+def train_stages(cfg: RunConfig, overwrite: bool, stage: Stages) -> Path:
+    """Pretrain (marginal) then fine-tune from its foundation; returns the fine-tuned foundation."""
+    from .train.run import FINETUNE, PRETRAIN, run
+
+    p = cfg.pipeline
+    init = None
+    for name, mode, steps, lr in ((PRETRAIN, PRETRAIN, p.pretrain_steps, p.pretrain_lr),
+                                  (FINETUNE, FINETUNE, p.finetune_steps, None)):
+        if steps <= 0:
+            if mode == FINETUNE:
+                raise ConfigError("pipeline.finetune_steps must be >= 1")
+            continue
+        sub = _stage_config(cfg, name, steps, lr)
+        if overwrite:
+            shutil.rmtree(sub.out_dir, ignore_errors=True)
+        what = ("marginal pretraining (sets given their context; no control stream, no perturbation label)"
+                if mode == PRETRAIN else "fine-tuning the conditional model" + (f" from {init}" if init else ""))
+        stage(f"{what}: {steps} steps of {cfg.data.sets_per_batch} sets x {cfg.data.set_size} cells -> {sub.out_dir}")
+        summary = run(sub, mode, init)
+        print(f"      {summary['step']} steps in {summary['seconds']:.1f}s ({summary['cells_per_s']:,.0f} cells/s); "
+              f"last train loss {(summary.get('last') or {}).get('train/loss', float('nan')):.4f}")
+        init = str(Path(sub.out_dir) / "foundation")
+    return Path(init)
+
+
+def predict_stage(cfg: RunConfig, foundation: Path, stage: Stages) -> Path:
+    from .predict import PredictOptions, predict_split
+    from .train.checkpoint import load_foundation
+
+    p = cfg.pipeline
+    out = Path(cfg.out_dir) / "predict"
+    stage(f"predict the held-out (test) conditions: {p.n_samples} population(s) each, "
+          f"{p.sample_steps or cfg.diffusion.sample_steps} DDIM steps -> {out}")
+    opts = PredictOptions(n_samples=p.n_samples, sample_steps=p.sample_steps, train_cells=p.train_cells,
+                          seed=cfg.train.seed)
+    t0 = time.time()
+    paths = predict_split(load_foundation(foundation), cfg.data.store, cfg.data.split, "test", out, opts,
+                          log=lambda s: None if s.startswith("  predicted") else print(f"      {s.strip()}"))
+    print(f"      wrote {', '.join(q.name for q in paths)} in {time.time() - t0:.1f}s")
+    return out
+
+
+def evaluate_stage(cfg: RunConfig, pred_dir: Path, stage: Stages) -> Path:
+    from .evaluate import EvaluateOptions, evaluate_files, format_table
+
+    out = Path(cfg.out_dir) / "eval"
+    stage(f"evaluate against the truth beside the baselines (cell-eval 0.6.6 metrics, MMD, energy distance, "
+          f"calibration) -> {out}")
+    train = pred_dir / "train.h5ad"
+    ev = evaluate_files(pred_dir / "pred.h5ad", pred_dir / "real.h5ad", out, train if train.is_file() else None,
+                        EvaluateOptions(profile=cfg.pipeline.profile, seed=cfg.train.seed),
+                        log=lambda s: print(f"      {s.strip()}"))
+    print("\n".join(f"      {line}" for line in format_table(ev).splitlines()))
+    return out
+
+
+def report_stage(cfg: RunConfig, eval_dir: Path, stage: Stages) -> Path | None:
+    from .eval.report import write_report
+
+    out = Path(cfg.out_dir) / "report"
+    stage(f"report -> {out}")
+    runs = [d for d in (Path(cfg.out_dir) / "pretrain", Path(cfg.out_dir) / "finetune")
+            if (d / "metrics.jsonl").is_file()]
+    return write_report(eval_dir, out=out, run_dir=runs or None)
+
+
+def run_pipeline(cfg: RunConfig, overwrite: bool = False, synthetic: bool = False) -> Path | None:
+    """The whole job; returns the report (or the evaluation directory without a report)."""
+    t0 = time.time()
+    stage = Stages(int(synthetic) + 1 + int(cfg.pipeline.pretrain_steps > 0) + 3 + int(cfg.pipeline.report))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = None
+    if synthetic:
+        overwrite = synthesise(cfg, overwrite, stage) or overwrite
+        sources = cfg.synth.out_dir
+    if not cfg.data.split.test:
+        raise ConfigError("data.split.test is empty: name the held-out conditions to predict and evaluate, "
+                          "e.g. data.split.test=[{contexts: [U87MG], perturbations: [MAPK1]}]")
+    save_config(cfg, out)
+    build_store(cfg, overwrite, stage, sources)
+    foundation = train_stages(cfg, overwrite, stage)
+    pred_dir = predict_stage(cfg, foundation, stage)
+    eval_dir = evaluate_stage(cfg, pred_dir, stage)
+    report = report_stage(cfg, eval_dir, stage) if cfg.pipeline.report else None
+    print(f"done in {time.time() - t0:.0f}s. Report: {report or eval_dir}")
+    return report or eval_dir
+

@@ -1,0 +1,191 @@
+"""``perturbdiff evaluate`` (perturbdiff/evaluate.py): the model and the baselines scored side by side,
+the normalised score, the files it writes, and the errors a user meets with bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from eval_inputs import HELD_OUT, K, build_inputs
+from perturbdiff.data.schema import DataError
+from perturbdiff.eval.baselines import normalised_score
+from perturbdiff.eval.suite import evaluate
+from perturbdiff.evaluate import BEST_ONE, BEST_ZERO, METHODS, EvaluateOptions, evaluate_files
+
+ROOT = Path(__file__).resolve().parents[1]
+N_COND = sum(len(v) for v in HELD_OUT.values())
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    return build_inputs(tmp_path_factory.mktemp("eval_inputs"))
+
+
+@pytest.fixture(scope="module")
+def result(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "eval"
+    return evaluate_files(inputs["pred"], inputs["real"], out, inputs["train"], log=lambda s: None)
+
+
+def test_every_method_scored_on_every_condition(result):
+    m = result.metrics
+    assert set(m["method"]) == set(METHODS)
+    for method, sub in m.groupby("method"):
+        keys = set(zip(sub["context"], sub["perturbation"]))
+        assert keys == {(c, p) for c, ps in HELD_OUT.items() for p in ps}, method
+    for f in ("metrics.csv", "aggregated.csv", "per_context.csv", "scores.csv", "calibration.csv", "summary.json"):
+        assert (result.out / f).is_file(), f
+    assert not list(result.out.parent.glob(".*partial*"))
+    # the files hold the same numbers as the returned tables
+    back = pd.read_csv(result.out / "metrics.csv")
+    np.testing.assert_allclose(back["pearson_delta"], result.metrics["pearson_delta"], rtol=1e-12)
+
+
+def test_model_row_equals_the_suite_on_the_same_files(inputs, result):
+    """The model's rows are the metric suite on (real, pred) unchanged; the sample index of the
+    K populations does not split a condition."""
+    direct = evaluate(str(inputs["real"]), str(inputs["pred"])).per_condition
+    model = result.metrics[result.metrics["method"] == "model"].reset_index(drop=True)
+    merged = model.merge(direct, on=["context", "perturbation"], suffixes=("", "_direct"))
+    assert len(merged) == N_COND
+    for col in ("pearson_delta", "mae", "discrimination_score_l1", "overlap_at_N", "de_spearman_sig", "r_squared"):
+        np.testing.assert_allclose(merged[col], merged[f"{col}_direct"], rtol=0, atol=1e-12, equal_nan=True)
+    assert (model["n_cells_pred"] == K * 30).all()
+
+
+def test_known_ordering_of_methods(result):
+    """The synthetic prediction has the right effect shrunk to 70%: it beats "no effect" on the delta
+    correlation; the split-half ceiling (real vs real) has the best correlation of all."""
+    mean = result.aggregated.pivot(index="method", columns="metric", values="mean")
+    assert mean.at["model", "pearson_delta"] > 0.8 > mean.at["control_mean", "pearson_delta"] + 0.5
+    assert mean.at["ceiling", "pearson_delta"] >= mean["pearson_delta"].drop("ceiling").max() - 0.05
+    # no-effect predicts ~zero deltas: the model's deltas are much closer to the truth
+    assert mean.at["model", "mse_delta"] < mean.at["control_mean", "mse_delta"]
+    assert (result.metrics["energy_distance"] > 0).all() and (result.metrics["mmd2"] > -1e-6).all()
+
+
+def test_normalised_scores_follow_cell_eval(result):
+    """scores.csv = cell-eval ``score`` of each method's mean row against perturbation_mean's:
+    (u - b) / (1 - b) for best-1 metrics, 1 - u / b for best-0, NaN -> 0, clipped at 0; avg_score is
+    their mean; r_squared and the DE counts are not scored (not in cell-eval's registry)."""
+    mean = result.aggregated.pivot(index="method", columns="metric", values="mean")
+    s = result.scores
+    for method in METHODS:
+        rows = s[s["method"] == method].set_index("metric")["from_baseline"]
+        expect = {m: normalised_score(mean.at[method, m], mean.at["perturbation_mean", m], m in BEST_ONE)
+                  for m in (*BEST_ZERO, *BEST_ONE) if m in mean.columns}
+        assert set(rows.index) == set(expect) | {"avg_score"}
+        for m, v in expect.items():
+            assert rows[m] == pytest.approx(v, abs=1e-12), (method, m)
+        assert rows["avg_score"] == pytest.approx(np.mean(list(expect.values())), abs=1e-12)
+        assert "r_squared" not in rows.index and "de_nsig_counts_real" not in rows.index
+    base = s[s["method"] == "perturbation_mean"]
+    assert (base["from_baseline"] == 0).all()  # a method scored against itself
+
+
+def test_summary_and_calibration(result):
+    summary = json.loads((result.out / "summary.json").read_text())
+    assert summary["n_conditions"] == N_COND and summary["n_samples"] == K
+    assert summary["contexts"] == sorted(HELD_OUT)
+    assert set(summary["headline"]) == set(METHODS)
+    assert summary["headline"]["model"]["pearson_delta"] == pytest.approx(
+        result.aggregated.query("method == 'model' and metric == 'pearson_delta'")["mean"].item())
+    cal = pd.read_csv(result.out / "calibration.csv")
+    assert len(cal) == N_COND and (cal["n_samples"] == K).all() and (cal["n_replicates"] == 2).all()
+    assert cal["nominal_50"].notna().all()
+    assert all(len(json.loads(h)) == K + 1 for h in cal["pit_hist"])
+
+
+def test_without_train_the_trained_baselines_are_skipped(inputs, tmp_path):
+    ev = evaluate_files(inputs["pred"], inputs["real"], tmp_path / "e", None,
+                        EvaluateOptions(profile="vcc", distances=False, calibration=False), log=lambda s: None)
+    assert set(ev.metrics["method"]) == {"model", "control_mean", "ceiling"}
+    assert any("need the training cells" in n for n in ev.summary["notes"]["all"])
+    assert {"mae", "discrimination_score_l1", "overlap_at_N"} <= set(ev.metrics.columns)
+    assert "pearson_delta" not in ev.metrics.columns and "energy_distance" not in ev.metrics.columns
+    assert ev.scores.empty  # no perturbation_mean to score against
+
+
+# ---- bad input: clear errors naming the file, nothing written -------------------------------------
+
+
+def _rewrite(src: Path, dst: Path, fn) -> Path:
+    a = ad.read_h5ad(src)
+    a = fn(a)
+    a.write_h5ad(dst)
+    return dst
+
+
+def _fails(inputs, tmp_path, match: str, **paths):
+    p = {**inputs, **paths}
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=match):
+        evaluate_files(p["pred"], p["real"], out, p.get("train"), log=lambda s: None)
+    assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_different_var_names_name_the_file(inputs, tmp_path):
+    def rename(a):
+        a.var_names = [f"X{i}" if i == 5 else g for i, g in enumerate(a.var_names)]
+        return a
+
+    bad = _rewrite(inputs["pred"], tmp_path / "pred_genes.h5ad", rename)
+    _fails(inputs, tmp_path, r"pred_genes\.h5ad.*var_names differ.*only in pred: \['X5'\]", pred=bad)
+
+    def reorder(a):
+        return a[:, a.var_names[::-1]].copy()
+
+    bad = _rewrite(inputs["pred"], tmp_path / "pred_order.h5ad", reorder)
+    _fails(inputs, tmp_path, "same genes in another order", pred=bad)
+    bad = _rewrite(inputs["train"], tmp_path / "train_genes.h5ad", rename)
+    _fails(inputs, tmp_path, r"train_genes\.h5ad.*var_names differ", train=bad)
+
+
+def test_missing_control_label_names_the_file(inputs, tmp_path):
+    def relabel(a):
+        a.obs["perturbation"] = a.obs["perturbation"].astype(str).replace({"control": "DMSO"})
+        return a
+
+    bad = _rewrite(inputs["real"], tmp_path / "real_noctrl.h5ad", relabel)
+    _fails(inputs, tmp_path, r"real_noctrl\.h5ad.*no control cells.*'control'.*--control-label", real=bad)
+
+
+def test_condition_without_truth_and_unreadable_files(inputs, tmp_path):
+    def drop(a):
+        return a[a.obs["perturbation"].astype(str) != "p3"].copy()
+
+    bad = _rewrite(inputs["real"], tmp_path / "real_nop3.h5ad", drop)
+    _fails(inputs, tmp_path, r"\('c1', 'p3'\).*no real cells", real=bad)
+    broken = tmp_path / "broken.h5ad"
+    broken.write_bytes(b"not an hdf5 file")
+    _fails(inputs, tmp_path, r"broken\.h5ad.*cannot read pred", pred=broken)
+    _fails(inputs, tmp_path, r"nope\.h5ad.*not found", real=tmp_path / "nope.h5ad")
+
+    def no_context(a):
+        del a.obs["context"]
+        return a
+
+    bad = _rewrite(inputs["pred"], tmp_path / "pred_noctx.h5ad", no_context)
+    _fails(inputs, tmp_path, r"pred_noctx\.h5ad.*no column 'context'", pred=bad)
+
+
+def test_command_line(inputs, tmp_path):
+    d = tmp_path / "predict"
+    d.mkdir()
+    for name in ("pred", "real", "train"):
+        (d / f"{name}.h5ad").write_bytes(inputs[name].read_bytes())
+    run = lambda *a: subprocess.run([sys.executable, "-m", "perturbdiff.cli", "evaluate", *a], cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    res = run("--dir", str(d), "--profile", "minimal", "--no-distances")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "perturbation_mean" in res.stdout and (d / "eval" / "summary.json").is_file()
+    res = run("--pred", str(d / "pred.h5ad"), "--real", str(d / "pred.h5ad"), "--control-label", "ctrl")
+    assert res.returncode == 2
+    assert "no control cells" in res.stderr and "pred.h5ad" in res.stderr and "Traceback" not in res.stderr
