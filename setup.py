@@ -34,7 +34,7 @@ setup(
         "dev": ["pytest>=8", "triton==3.6.0", "deepspeed>=0.15"],
         # cell-eval 0.6.6 (the paper's pin) for the metric parity test; it needs these exact pdex and
         # polars versions (newer pdex removed a function it imports)
-        "eval": ["cell-eval==0.6.6", "pdex==0.1.26", "polars==1.35.2"],
+        "eval": ["cell-eval==0.6.6", "pdex==0.1.26", "polars==1.35.2", "threadpoolctl>=3"],
     },
     entry_points={"console_scripts": ["perturbdiff=perturbdiff.cli:main"]},
 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -358,12 +359,20 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
     for f in files:
         if not Path(f).is_file():
             raise ConfigError(f"config file not found: {f}")
-        sources.append((f, OmegaConf.load(f)))
+        try:
+            sources.append((f, OmegaConf.load(f)))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {f} is not valid YAML: {err}") from None
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {bad}")
-    if overrides:
-        sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for o in overrides:
+        try:
+            sources.append(("command line", OmegaConf.from_dotlist([o])))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {o!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                              "flow mappings need a space after each colon, e.g. "
+                              "'data.split.test=[{contexts: [U87MG], perturbations: [MAPK1]}]'") from None
     for where, src in sources:
         try:
             merged = OmegaConf.merge(merged, src)

@@ -181,3 +181,8 @@ def test_every_config_preset_loads(path):
     assert isinstance(cfg, RunConfig)
     # presets stay loadable together with a later override, as on the command line
     assert load_config([str(path)], ["data.seed=3"]).data.seed == 3
+
+
+def test_invalid_yaml_in_an_override_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"override 'data.split.test=.*not valid YAML.*space after each colon"):
+        load_config([], ["data.split.test=[{contexts:[U87MG]}]"])

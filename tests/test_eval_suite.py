@@ -123,11 +123,45 @@ def test_wilcoxon_matches_scipy_with_ties_and_sparse():
     for sparse in (False, True):
         gs = [sp.csr_matrix(x) for x in groups] if sparse else groups
         rf = sp.csr_matrix(ref) if sparse else ref
-        # a small max_elems forces several gene blocks and group chunks
+        # a small max_elems forces several gene blocks
         res = wilcoxon_ranksum(gs, rf, method="asymptotic", max_elems=150)
         np.testing.assert_allclose(res.statistic, u_ref, rtol=0, atol=1e-9)
         np.testing.assert_allclose(res.pvalue, p_ref, rtol=1e-12, atol=1e-15)
     assert np.all(res.pvalue[:, 0] == 1.0)
+
+
+def test_wilcoxon_negative_values_explicit_zeros_float32_and_float64():
+    """Zeros are counted apart from the sorted nonzeros: negative values sort below them. Float32 values
+    sort by their bits, other float64 values by their ranks; both must match scipy."""
+    r = np.random.default_rng(3)
+    g = 16
+
+    def draw(n):
+        x = np.round(r.normal(0.0, 1.0, (n, g)), 1) * (r.random((n, g)) < 0.6)  # zeros, negatives, ties
+        x[:, 0] = -1.5                                  # constant and negative over both groups -> p = 1
+        x[:, 1] = -np.abs(x[:, 1])                      # zeros above every other value
+        x[:, -3:] = r.normal(0.0, 1.0, (n, 3))          # no ties, not float32 numbers
+        return x
+
+    ref = draw(30)
+    groups = [draw(n) for n in (15, 4, 40)]
+    groups[2][:, 2] = 0.0                               # a group with only zeros in a gene
+    for dtype in (np.float64, np.float32):
+        rf, gs = ref.astype(dtype), [x.astype(dtype) for x in groups]
+        u_ref, p_ref = _mwu_reference([x.astype(np.float64) for x in gs], rf.astype(np.float64))
+        for sparse in (False, True):
+            if sparse:  # every entry stored, the zeros as explicit zeros
+                def explicit(x):
+                    i, j = np.indices(x.shape)
+                    return sp.csr_matrix((x.ravel(), (i.ravel(), j.ravel())), shape=x.shape)
+                rf_in, gs_in = explicit(rf), [explicit(x) for x in gs]
+                assert np.any(rf_in.data == 0)
+            else:
+                rf_in, gs_in = rf, gs
+            res = wilcoxon_ranksum(gs_in, rf_in, max_elems=100)
+            np.testing.assert_allclose(res.statistic, u_ref, rtol=0, atol=1e-9, err_msg=f"{dtype} sparse={sparse}")
+            np.testing.assert_allclose(res.pvalue, p_ref, rtol=1e-10, atol=1e-15, err_msg=f"{dtype} sparse={sparse}")
+        assert np.all(res.pvalue[:, 0] == 1.0)
 
 
 def test_wilcoxon_auto_uses_exact_for_small_tie_free_groups():
@@ -300,6 +334,15 @@ def test_auc_helpers_match_sklearn():
         y = r.random(200) < 0.2
         s = np.round(r.random(200) * 5 + 2 * y, 1).astype(np.float32)  # many tied scores
         assert _average_precision(y, s) == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
+
+
+def test_small_max_elems_blocks_give_the_same_numbers(pair, base_result):
+    # control blocks, blocks of a few cells and stepped within-group distances (energy terms); DE passes
+    # of a few hundred entries
+    real, pred = pair
+    cols = base_result.metrics
+    small = evaluate(real, pred, max_elems=300).per_condition
+    pd.testing.assert_frame_equal(small[cols], base_result.per_condition[cols], rtol=1e-10, atol=1e-12)
 
 
 def test_metric_selection_and_top_n(pair):

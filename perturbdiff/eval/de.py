@@ -19,6 +19,11 @@ computes the same numbers for every gene and every group against one reference i
 - **FDR**: Benjamini-Hochberg over *all* tests of the table, i.e. every (group, gene) pair of one
   AnnData (of one cell type when cell-eval splits by ``--celltype-col``), not per group.
 
+How: the reference and all groups are stacked into one CSC matrix; per block of genes, the nonzero
+entries are sorted once by (gene, value, group) as int64 keys, which gives every tie block, its
+reference count and its count per group; the zeros of each (group, gene) are one more tie block,
+counted directly. U1 and the tie terms are integer or half-integer sums, exact in float64.
+
 Intended difference: pdex ranks in the dtype of ``.X``, so for float32 data it sums ranks in float32;
 here everything is float64 (exact for rank sums below 2**53).
 """
@@ -42,8 +47,11 @@ __all__ = [
     "differential_expression",
 ]
 
-# Entries (cells x genes) sorted at once; bounds the peak memory of one pass (~50 bytes per entry).
+# Entries (cells x genes) one vectorised pass holds at most; bounds its peak memory (~60 bytes per entry).
 DEFAULT_MAX_ELEMS = 1 << 23
+# Nonzero entries the rank-sum sorts per pass: passes this small stay in cache and reuse freed memory
+# (3x faster than 2**23 at 200 groups x 2,000 genes).
+PASS_ELEMS = 1 << 19
 # scipy's mannwhitneyu ("auto") uses the exact distribution when either group has at most this many cells.
 EXACT_MAX_N = 8
 
@@ -62,69 +70,91 @@ def _shape_genes(x) -> int:
     return int(x.shape[1])
 
 
-def _dense_cols(x, lo: int, hi: int) -> np.ndarray:
-    """Columns [lo, hi) of a dense or sparse matrix as a dense float64 array."""
-    if sp.issparse(x):
-        return np.asarray(x[:, lo:hi].toarray(), dtype=np.float64)
-    return np.asarray(x[:, lo:hi], dtype=np.float64)
+def _sorted_keys(col: np.ndarray, val: np.ndarray, owner: np.ndarray, owner_bits: int) -> np.ndarray:
+    """Entries as sorted int64 keys ``(col, value code, owner + 1)``, most significant first.
+
+    The value code is 32 bits and orders like the value: a float32 number's bits with a negative value's
+    magnitude bits flipped (h5ad data is usually float32), else the value's rank among the distinct
+    values (float64 data). ``val`` holds no zeros; ``col`` < 2**(31 - owner_bits)."""
+    v32 = val.astype(np.float32)
+    if val.dtype == np.float32 or np.array_equal(v32, val):
+        code = v32.view(np.int32).astype(np.int64)
+        code ^= (code >> 31) & 0x7FFFFFFF
+        code += 1 << 31
+    else:
+        code = np.unique(val, return_inverse=True)[1].astype(np.int64)
+    keys = (col.astype(np.int64) << 32 | code) << owner_bits | (owner + 1)
+    keys.sort()
+    return keys
 
 
-def _to_csc(x):
-    if sp.issparse(x):
-        return sp.csc_matrix(x)
-    return np.asarray(x)
+def _ranksum_block(x, owner: np.ndarray, sizes: np.ndarray, n_ref: int, lo: int, hi: int, owner_bits: int):
+    """U1 and the tie term sum(t^3 - t) of (group + reference), [k, hi - lo], for genes [lo, hi).
 
-
-def _ranksum_block(a: np.ndarray, n_ref: int, cond: np.ndarray, k: int):
-    """One sorted pass over a gene-major block.
-
-    ``a`` is [g, n]: row = gene, columns = the n_ref reference cells first, then the target cells
-    ordered by their group id ``cond`` ([n - n_ref], values in [0, k)). Returns U1 [k, g] and the tie
-    term sum(t^3 - t) [k, g] of (group k + reference).
+    ``x``: CSC [n_ref + target cells, genes] without explicit zeros, the reference rows first;
+    ``owner``: -1 for a reference row, else its group id. Only nonzero entries are sorted, by (gene,
+    value, owner); the zeros of a (group, gene) and of the reference are one tie block each, counted
+    directly. U1 of a group = sum over its cells of #(reference < v) + #(reference == v) / 2.
     """
-    g, n = a.shape
-    order = np.argsort(a, axis=1, kind="stable")
-    s = np.take_along_axis(a, order, axis=1)
-    new = np.empty((g, n), dtype=bool)
-    new[:, 0] = True
-    np.not_equal(s[:, 1:], s[:, :-1], out=new[:, 1:])
-    del s
-    order = order.ravel()
-    new = new.ravel()
-    block = np.cumsum(new) - 1                       # global tie-block id (blocks never span genes)
-    nb = int(block[-1]) + 1
-    is_ref = order < n_ref
-    c_b = np.bincount(block, weights=is_ref, minlength=nb)          # reference cells per block
+    g, k = hi - lo, sizes.size
+    a, b = int(x.indptr[lo]), int(x.indptr[hi])
+    per_gene = np.diff(x.indptr[lo:hi + 1])
+    gene_start = np.concatenate([[0], np.cumsum(per_gene)])
+    col = np.repeat(np.arange(g), per_gene)          # stays valid after sorting: the keys sort by gene first
+    val = x.data[a:b]
+    own = owner[x.indices[a:b]]
+    ref = own < 0
+    negative = val < 0
+    zr = n_ref - np.bincount(col[ref], minlength=g).astype(np.float64)      # reference zeros per gene
+    neg_ref = np.bincount(col[ref & negative], minlength=g).astype(np.float64)
+    neg_all = np.bincount(col[negative], minlength=g)                       # negatives sort first
+    del ref, negative
+
+    keys = _sorted_keys(col, val, own, owner_bits)
+    own = (keys & ((1 << owner_bits) - 1)) - 1       # ties are ordered reference first, then by group
+    keys >>= owner_bits
+    new = np.empty(keys.size, dtype=bool)
+    new[:1] = True
+    np.not_equal(keys[1:], keys[:-1], out=new[1:])
+    del keys
+    block = np.cumsum(new) - 1                       # tie-block id (blocks never span genes)
     starts = np.flatnonzero(new)
     del new
-    cum_ref = np.cumsum(is_ref.reshape(g, n), axis=1, dtype=np.int64).ravel()
-    l_b = cum_ref[starts] - is_ref[starts]           # reference cells before the block (same gene)
-    del cum_ref
-    gene_b = starts // n
-    tie_ref = np.bincount(gene_b, weights=c_b ** 3 - c_b, minlength=g)
+    ref = own < 0
+    c_b = np.bincount(block, weights=ref, minlength=starts.size)     # reference cells per block
+    cum_ref = np.concatenate([[0], np.cumsum(ref)])
+    gene_b = col[starts]
+    within = starts - gene_start[gene_b]
+    # reference cells below a block: its nonzeros below, in the same gene, and its zeros if v > 0
+    l_b = cum_ref[starts] - cum_ref[gene_start[gene_b]] + (within >= neg_all[gene_b]) * zr[gene_b]
+    del cum_ref, within
+    c3 = c_b * c_b * c_b
+    tie_ref = np.bincount(gene_b, weights=c3 - c_b, minlength=g)
 
-    tgt = np.flatnonzero(~is_ref)
-    del is_ref
+    tgt = np.flatnonzero(~ref)
+    del ref
     blk = block[tgt]
     del block
-    cnd = cond[order[tgt] - n_ref]
-    gene = tgt // n
-    del tgt, order
-    w = l_b[blk] + 0.5 * c_b[blk]
-    key = cnd.astype(np.int64) * g + gene
-    u1 = np.bincount(key, weights=w, minlength=k * g).reshape(k, g)
+    cnd = own[tgt]
+    key = cnd * g + col[tgt]
+    del tgt, own
+    u1 = np.bincount(key, weights=l_b[blk] + 0.5 * c_b[blk], minlength=k * g).reshape(k, g)
+    zeros = sizes[:, None] - np.bincount(key, minlength=k * g).reshape(k, g)  # the group's zeros per gene
+    u1 += zeros * (neg_ref + 0.5 * zr)[None, :]
 
-    # target entries of one block are grouped by group id (stable sort, targets ordered by group)
+    # runs of one group within a tie block (the block's target entries are ordered by group)
     rs = np.empty(blk.size, dtype=bool)
-    if blk.size:
-        rs[0] = True
-        rs[1:] = (blk[1:] != blk[:-1]) | (cnd[1:] != cnd[:-1])
+    rs[:1] = True
+    rs[1:] = (blk[1:] != blk[:-1]) | (cnd[1:] != cnd[:-1])
     run_start = np.flatnonzero(rs)
     d = np.diff(np.append(run_start, blk.size)).astype(np.float64)
-    c = c_b[blk[run_start]]
+    blk = blk[run_start]
+    c = c_b[blk]
     t = c + d
-    contrib = (t ** 3 - t) - (c ** 3 - c)
+    contrib = t * t * t - t - (c3[blk] - c)
     tie = np.bincount(key[run_start], weights=contrib, minlength=k * g).reshape(k, g) + tie_ref[None, :]
+    t0 = zeros + zr[None, :]                         # the zero block of (group + reference)
+    tie += t0 * t0 * t0 - t0
     return u1, tie
 
 
@@ -200,33 +230,22 @@ def wilcoxon_ranksum(groups: Sequence, ref, *, use_continuity: bool = True, meth
     u1 = np.zeros((k_all, n_genes))
     tie = np.zeros((k_all, n_genes))
 
-    # chunks of consecutive groups with about max(n_ref, 2048) target cells each
-    target_rows = max(n_ref, 2048)
-    chunks, cur, rows = [], [], 0
-    for i, s in enumerate(sizes):
-        if cur and rows + s > target_rows:
-            chunks.append(cur)
-            cur, rows = [], 0
-        cur.append(i)
-        rows += int(s)
-    if cur:
-        chunks.append(cur)
-
-    ref_c = _to_csc(ref)
-    for chunk in chunks:
-        xs = [_to_csc(groups[i]) for i in chunk]
-        n_tgt = int(sizes[chunk].sum())
-        n = n_ref + n_tgt
-        cond = np.repeat(np.arange(len(chunk)), sizes[chunk])
-        gb = max(1, int(max_elems) // n)
-        for lo in range(0, n_genes, gb):
-            hi = min(n_genes, lo + gb)
-            a = np.concatenate([_dense_cols(ref_c, lo, hi)] + [_dense_cols(x, lo, hi) for x in xs], axis=0)
-            if not np.all(np.isfinite(a)):
-                raise ValueError("wilcoxon_ranksum: input contains NaN or infinite values")
-            u_b, t_b = _ranksum_block(np.ascontiguousarray(a.T), n_ref, cond, len(chunk))
-            u1[chunk, lo:hi] = u_b
-            tie[chunk, lo:hi] = t_b
+    # one CSC matrix, the reference rows first; gene blocks of at most min(max_elems, PASS_ELEMS) nonzero
+    # entries (or one gene)
+    x = sp.vstack([sp.csr_matrix(ref)] + [sp.csr_matrix(m) for m in groups], format="csr").tocsc()
+    x.eliminate_zeros()
+    x.sort_indices()
+    if not np.all(np.isfinite(x.data)):
+        raise ValueError("wilcoxon_ranksum: input contains NaN or infinite values")
+    owner = np.repeat(np.arange(-1, k_all), np.r_[n_ref, sizes])
+    owner_bits = int(k_all).bit_length()             # owner + 1 in [0, k_all]
+    max_genes = 1 << (31 - owner_bits)
+    lo = 0
+    while lo < n_genes:
+        hi = int(np.searchsorted(x.indptr, x.indptr[lo] + min(max_elems, PASS_ELEMS), side="right")) - 1
+        hi = min(n_genes, lo + max_genes, max(lo + 1, hi))
+        u1[:, lo:hi], tie[:, lo:hi] = _ranksum_block(x, owner, sizes, n_ref, lo, hi, owner_bits)
+        lo = hi
 
     n1 = sizes[:, None].astype(np.float64)
     if method == "exact":

@@ -50,6 +50,7 @@ says so); DE ranks are summed in float64 (pdex uses ``.X``'s dtype).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -71,6 +72,8 @@ ANNDATA_METRICS = ("pearson_delta", "mse", "mae", "mse_delta", "mae_delta", "r_s
                    "pearson_edistance")
 DE_SCALAR_METRICS = ("de_spearman_sig",)
 AUC_CLIP = np.float32(1e-10)
+# Dense entries per block of perturbed cells in the energy distances (16 MB in float64).
+BLOCK_ELEMS = 1 << 21
 
 
 def metric_names(top_n: Iterable[int] = (50, 100, 200)) -> list[str]:
@@ -261,56 +264,84 @@ def _dense64(x) -> np.ndarray:
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
-def _sum_dist(a: np.ndarray, na: np.ndarray, b: np.ndarray, nb: np.ndarray) -> np.ndarray:
-    """Row sums over b of the Euclidean distances, computed as sklearn does (|x|^2 + |y|^2 - 2 x.y,
-    clamped at 0): [len(a)]."""
-    d2 = na[:, None] + nb[None, :] - 2.0 * (a @ b.T)
+def _sqrt_row_sums(d2: np.ndarray) -> np.ndarray:
+    """Row sums of sqrt(max(d2, 0)), in place."""
     np.maximum(d2, 0.0, out=d2)
     return np.sqrt(d2, out=d2).sum(1)
 
 
+def _single_thread_blas():
+    """A context factory in which BLAS runs on one thread (threadpoolctl, when installed; else a no-op)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return contextlib.nullcontext
+    ctl = ThreadpoolController()
+    return lambda: ctl.limit(limits=1, user_api="blas")
+
+
+def _mean_pair_dist(a: np.ndarray, na: np.ndarray, max_elems: int) -> float:
+    """Mean Euclidean distance over all ordered pairs of rows of ``a`` (self-pairs 0); na = |row|^2."""
+    m = a.shape[0]
+    step = max(1, max_elems // m)
+    tot = 0.0
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        d2 = a @ a[lo:hi].T
+        d2 *= -2.0
+        d2 += na[:, None]
+        d2 += na[None, lo:hi]
+        d2[np.arange(lo, hi), np.arange(hi - lo)] = 0.0
+        tot += float(_sqrt_row_sums(d2).sum())
+    return tot / (m * m)
+
+
 def _energy_terms(x, groups: Sequence[np.ndarray], ctrl: np.ndarray, max_elems: int) -> np.ndarray:
-    """Per group k: 2 mean d(X_k, X_ctrl) - mean d(X_k, X_k) (all pairs, self-pairs included as 0)."""
-    n_genes = x.shape[1]
+    """Per group k: 2 mean d(X_k, X_ctrl) - mean d(X_k, X_k) (Euclidean, all pairs, self-pairs 0).
+
+    Squared distances as sklearn computes them, |x|^2 + |y|^2 - 2 x.y clamped at 0, with float64 GEMMs.
+    The controls are densified once (in blocks if they exceed max_elems), the perturbed cells a few
+    whole groups at a time (about BLOCK_ELEMS entries: blocks this small stay cached and reuse freed
+    memory); each block gives its cells' distances to the controls (one GEMM per control block) and each
+    group's own pairs (one small GEMM per group, on one BLAS thread: OpenBLAS's threads cost more than
+    they bring there, much more on a busy machine).
+    """
+    n_genes = max(1, x.shape[1])
     k = len(groups)
-    # cross term: every perturbed cell against the controls, in dense blocks (BLAS)
-    rows = np.concatenate(groups)
-    gid = np.repeat(np.arange(k), [len(g) for g in groups])
-    cs = int(min(ctrl.size, max(1, max_elems // max(n_genes, 1))))
-    rs = int(min(rows.size, max(1, max_elems // max(n_genes, cs))))
+    sizes = np.array([len(g) for g in groups])
+    cs = int(min(ctrl.size, max(1, max_elems // n_genes)))
+
+    def dense_with_norms(rows, scale=1.0):
+        m = _dense64(x[rows])
+        return m * scale, np.einsum("ij,ij->i", m, m)
+
     ctrl_blocks = [ctrl[lo:lo + cs] for lo in range(0, ctrl.size, cs)]
-    keep = len(ctrl_blocks) == 1
-    cache = None
-    sums = np.zeros(rows.size)
-    for lo in range(0, rows.size, rs):
-        a = _dense64(x[rows[lo:lo + rs]])
-        na = (a * a).sum(1)
-        for cb in ctrl_blocks:
-            if keep and cache is not None:
-                b, nb = cache
-            else:
-                b = _dense64(x[cb])
-                nb = (b * b).sum(1)
-                if keep:
-                    cache = (b, nb)
-            sums[lo:lo + rs] += _sum_dist(a, na, b, nb)
-    sizes = np.array([len(g) for g in groups], dtype=np.float64)
-    cross = np.bincount(gid, weights=sums, minlength=k) / (sizes * ctrl.size)
-    # self term per group
+    # controls times -2 (exact), so that the GEMM gives -2 x.y
+    cached = dense_with_norms(ctrl, -2.0) if len(ctrl_blocks) == 1 else None
+    rows_per_block = int(max(1, min(max_elems, BLOCK_ELEMS) // max(n_genes, cs)))
+    single_thread = _single_thread_blas()
+    cross = np.empty(k)
     own = np.empty(k)
-    for i, g in enumerate(groups):
-        a = _dense64(x[g])
-        na = (a * a).sum(1)
-        step = max(1, max_elems // max(1, a.shape[0]))
-        tot = 0.0
-        for lo in range(0, a.shape[0], step):
-            d2 = na[:, None] + na[None, lo:lo + step] - 2.0 * (a @ a[lo:lo + step].T)
-            np.maximum(d2, 0.0, out=d2)
-            idx = np.arange(lo, min(a.shape[0], lo + step))
-            d2[idx, idx - lo] = 0.0
-            tot += float(np.sqrt(d2).sum())
-        own[i] = tot / (a.shape[0] ** 2)
-    return 2.0 * cross - own
+    i = 0
+    while i < k:  # groups [i, j)
+        j, n = i + 1, sizes[i]
+        while j < k and n + sizes[j] <= rows_per_block:
+            n += sizes[j]
+            j += 1
+        a, na = dense_with_norms(np.concatenate(groups[i:j]))
+        sums = np.zeros(a.shape[0])
+        for cb in ctrl_blocks:
+            b, nb = cached or dense_with_norms(cb, -2.0)
+            d2 = a @ b.T
+            d2 += na[:, None]
+            d2 += nb[None, :]
+            sums += _sqrt_row_sums(d2)
+        off = np.concatenate([[0], np.cumsum(sizes[i:j])])
+        cross[i:j] = np.add.reduceat(sums, off[:-1])
+        with single_thread():
+            own[i:j] = [_mean_pair_dist(a[lo:hi], na[lo:hi], max_elems) for lo, hi in zip(off[:-1], off[1:])]
+        i = j
+    return 2.0 * cross / (sizes * ctrl.size) - own
 
 
 def _average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
