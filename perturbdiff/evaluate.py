@@ -228,7 +228,7 @@ def evaluate_files(pred: str | Path, real: str | Path, out: str | Path, train: s
             p, r, extra = pred_ad, real_ad, []
         else:
             p, r = _baseline(method, train_ad, conditions, real_ad, opts)
-            extra = list(p.uns.get("baseline", {}).get("notes", []))
+            extra = [n for n in p.uns.get("baseline", {}).get("notes", []) if n != "none"]
         try:
             res = evaluate(r, p, control=opts.control_label, metrics=PROFILES[opts.profile], de_fdr=opts.de_fdr)
         except ValueError as err:
