@@ -110,8 +110,9 @@ def _check_pair(real, pred, paths: dict, control: str) -> None:
     """The errors a user meets first, naming the file: genes, control label, conditions."""
     gr, gp = real.var_names.astype(str).to_numpy(), pred.var_names.astype(str).to_numpy()
     if len(gr) != len(gp) or not np.array_equal(gr, gp):
-        only_p = [g for g in gp if g not in set(gr)][:5]
-        only_r = [g for g in gr if g not in set(gp)][:5]
+        in_r, in_p = set(gr), set(gp)
+        only_p = [g for g in gp if g not in in_r][:5]
+        only_r = [g for g in gr if g not in in_p][:5]
         how = ("the same genes in another order" if not only_p and not only_r and len(gr) == len(gp)
                else f"only in pred: {only_p}; only in real: {only_r}")
         raise DataError(paths["pred"], f"var_names differ from {paths['real']} ({len(gp)} vs {len(gr)} genes; "

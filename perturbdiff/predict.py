@@ -37,6 +37,7 @@ import torch
 from .config import NormalizeConfig
 from .data.schema import VALUES_COUNTS, VALUES_LOGNORM, DataError
 from .data.store import to_dense
+from .train import distributed as pdist
 
 OBS_COLUMNS = ("perturbation", "context", "batch", "sample", "is_control")
 
@@ -291,21 +292,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _set_seed(seed: int, i: int, s: int, k: int) -> int:
     """One seed per generated set (condition i, population s, chunk k): a population is the same
     whatever the batch size or the number of processes."""
@@ -328,7 +314,7 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
     normalize = NormalizeConfig(**extra.get("normalize", {}))
     diffusion = SetDiffusion(DiffusionConfig(**extra.get("diffusion", {})))
     m = int(extra.get("set_size", 256))
-    rank, world = _rank_world()
+    rank, world = pdist.get_rank(), pdist.get_world_size()
     device = _device(opts.device) if world == 1 or opts.device != "auto" else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
     model = found.build(device=device).eval()
@@ -380,9 +366,9 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
         writer.abort()
         raise
     if world > 1:
-        _barrier()  # every part is complete
+        pdist.barrier()  # every part is complete
         path = _join_parts(out_path, found.genes, world, pool, normalize, opts, uns) if rank == 0 else None
-        _barrier()
+        pdist.barrier()
     if rank == 0:
         for note in notes:
             log(f"  note: {note}")
