@@ -245,8 +245,15 @@ def test_refuses_to_replace_a_non_report_directory(eval_dir, tmp_path):
 
 
 def test_renders_in_headless_chromium(report, tmp_path):
+    """The page renders in a real browser. CI (.ci/run) installs Debian's chromium and sets
+    PERTURBDIFF_REQUIRE_BROWSER=1, so there a missing browser fails; elsewhere (a developer machine
+    without chromium) the test skips saying how to get it."""
+    import os
+
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
+        if os.environ.get("PERTURBDIFF_REQUIRE_BROWSER") == "1":
+            pytest.fail("PERTURBDIFF_REQUIRE_BROWSER=1 but no chromium binary is on PATH")
         pytest.skip("no chromium binary on PATH (apt-get install -y chromium) for the rendering check")
     shot = tmp_path / "shot.png"
     subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",

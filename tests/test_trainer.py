@@ -123,12 +123,17 @@ def test_crash_during_save_keeps_the_last_good_checkpoint(store, tmp_path, monke
     assert latest_step(tmp_path / "checkpoints").name.endswith("4")
 
 
-def test_resume_refuses_another_world_size(store, tmp_path):
+def _two_steps_checkpoint(store, tmp_path):
+    """(config, trainer, newest checkpoint) after 2 training steps."""
     cfg = make_cfg(store, tmp_path, "train.max_steps=2")
     t = trainer_for(cfg)
     t.fit()
     t.close()
-    ckpt = latest_step(tmp_path / "checkpoints")
+    return cfg, t, latest_step(tmp_path / "checkpoints")
+
+
+def test_resume_refuses_another_world_size(store, tmp_path):
+    cfg, t, ckpt = _two_steps_checkpoint(store, tmp_path)
     client = json.loads((ckpt / "client_state.json").read_text())
     client["world"] = 2
     (ckpt / "client_state.json").write_text(json.dumps(client))
@@ -240,11 +245,7 @@ def test_pretrain_mode_forces_a_marginal_model(store, tmp_path):
 
 
 def test_truncated_resumable_checkpoint_is_a_clear_error(store, tmp_path):
-    cfg = make_cfg(store, tmp_path, "train.max_steps=2")
-    t = trainer_for(cfg)
-    t.fit()
-    t.close()
-    ckpt = latest_step(tmp_path / "checkpoints")
+    cfg, t, ckpt = _two_steps_checkpoint(store, tmp_path)
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     t = trainer_for(cfg)
