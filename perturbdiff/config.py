@@ -78,6 +78,7 @@ class ShardConfig:
     extra_obs: list[str] = field(default_factory=list)  # further obs columns to keep
     gene_symbol_col: Optional[str] = None  # var column with symbols (None: var_names)
     values: str = "auto"  # auto | counts | lognorm
+    max_count: float = 1.0e7  # a raw count above this (one gene in one cell) is implausible: an error
     # tahoe
     control_drug: str = "DMSO_TF"
     # layout
@@ -167,6 +168,10 @@ class DataConfig:
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     num_workers: int = 0
     drop_last: bool = True  # equal sets per rank (avoids end-of-epoch collective hangs)
+    # Full checksum pass over the store(s) before training or streaming (every array re-hashed
+    # against the manifest: minutes at Tahoe scale). Cheap structural checks run at every open and
+    # every read regardless (perturbdiff/data/store.py).
+    verify_on_open: bool = False
     seed: int = 0
 
 
