@@ -4,16 +4,15 @@
 
 Work happens in ``<out>.work/``: every part is written under a temporary name and renamed when
 complete, so a killed run picks up where it stopped; the merge writes ``<out>.tmp`` and renames it
-to ``<out>`` last. The result is identical whether or not the run was interrupted.
+to ``<out>`` last. The result is identical whether or not the run was interrupted. The output paths
+are checked before any work and locked for the run (perturbdiff.outputs): only our own store and
+its siblings are ever removed or replaced.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
-import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +21,10 @@ import numpy as np
 
 from perturbdiff.config import ShardConfig
 from perturbdiff.data.schema import MANIFEST_FILE, VALUES_COUNTS, DataError, file_sha256
+from perturbdiff.outputs import OutputLock, check_output, read_marker, remove_output, write_marker
 
 from .parts import write_part
+from .pool import run_parallel
 from .writer import merge_parts
 
 
@@ -72,29 +73,40 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
     from .writer import COMPRESSORS
     if cfg.compressor not in COMPRESSORS:
         raise DataError(None, f"shard.compressor must be one of {sorted(COMPRESSORS)}, not {cfg.compressor!r}")
-    out = Path(cfg.out)
+    # Before any work: the store and its two siblings (the parts, the store being merged) must be
+    # new, empty or ours; never an input or a directory holding one (perturbdiff.outputs).
+    inputs = [*cfg.inputs, cfg.metadata_dir]
+    out = check_output(cfg.out, "store", inputs=inputs, replaces=False)
+    work, tmp = out.with_name(out.name + ".work"), out.with_name(out.name + ".tmp")
+    for path, kind in ((work, "work"), (tmp, "store")):
+        check_output(path, kind, inputs=inputs, replaces=False)
     if (out / MANIFEST_FILE).is_file() and not overwrite:
         log(f"{out} is already a complete store; nothing to do (pass --overwrite to rebuild)")
         return json.loads((out / MANIFEST_FILE).read_text())
+    with OutputLock(out, "store"):
+        return _convert(cfg, out, work, log)
+
+
+def _convert(cfg: ShardConfig, out: Path, work: Path, log: Callable[[str], None]) -> dict:
     module = _source_module(cfg.source)
     t0 = time.time()
-    plan: Plan = module.plan(cfg)
+    plan: Plan = module.plan(cfg, log=log)
     flavor = cfg.hvg.flavor
     if flavor not in ("seurat_v3", "dispersion"):
         raise DataError(None, f"shard.hvg.flavor must be seurat_v3 or dispersion, not {flavor!r}")
     if plan.value_kind != VALUES_COUNTS and flavor == "seurat_v3":
         log("note: seurat_v3 needs raw counts; this input is log-normalised, so HVGs use the dispersion flavor")
         flavor = "dispersion"
-    work = out.with_name(out.name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
+    if read_marker(work) is None:
+        write_marker(work, "work")  # an empty or new directory (check_output): ours from now on
     # a plan fingerprint guards against resuming with different inputs or settings
     fingerprint = json.dumps({"tasks": plan.tasks, "value_kind": plan.value_kind, "flavor": flavor,
                               "genes": len(plan.gene_ids)}, sort_keys=True, default=str)
     fp_file = work / "plan.json"
     if fp_file.is_file() and fp_file.read_text() != fingerprint:
         log(f"inputs or settings changed since the interrupted run; discarding {work}")
-        shutil.rmtree(work)
-        work.mkdir(parents=True)
+        remove_output(work, "work")
+        write_marker(work, "work")
     fp_file.write_text(fingerprint)
 
     part_dirs = [work / f"part-{i:06d}" for i in range(len(plan.tasks))]
@@ -104,24 +116,15 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
     args = [(cfg.source, plan.tasks[i], plan.shared, str(part_dirs[i]), len(plan.gene_ids), plan.value_kind,
              flavor) for i in todo]
     done = 0
-    if args:
-        workers = max(1, min(cfg.num_workers, len(args)))
-        if workers == 1:
-            for res in map(_run_task, args):
-                done += 1
-                _log_part(log, done, len(args), res)
-        else:
-            # A worker that dies (OOM, kill) raises BrokenProcessPool here instead of hanging.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_run_task, a) for a in args]
-                try:
-                    for fut in as_completed(futures):
-                        done += 1
-                        _log_part(log, done, len(args), fut.result())
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
-                    raise
+
+    def on_part(res: dict) -> None:
+        nonlocal done
+        done += 1
+        _log_part(log, done, len(args), res)
+
+    # Workers die with this process; SIGTERM stops cleanly (exit 143); a dead worker is an error (pool.py).
+    run_parallel(_run_task, args, cfg.num_workers, on_part, job="perturbdiff shard",
+                 kept="finished parts are kept", noun="parts")
     t1 = time.time()
 
     hashes: dict[str, str] = {}
@@ -140,13 +143,21 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
                            cfg=cfg, sources=sources, value_kind=plan.value_kind, flavor=flavor, extra=extra,
                            log=log)
     if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_output(work, "work")
     log(f"conversion done in {time.time() - t0:.1f}s")
     return manifest
 
 
-def check_values(path: Path, data: np.ndarray, indptr: np.ndarray, row0: int, require_integer: bool) -> None:
-    """Counts must be finite, non-negative and (for counts) integers; name the first bad row."""
+def check_values(path: Path, data: np.ndarray, indptr: np.ndarray, row0: int, require_integer: bool,
+                 max_count: float | None = None) -> None:
+    """The one value check of every converter; names the first bad cell row.
+
+    Values must be finite and non-negative. Raw counts (``require_integer``) must also be integers
+    and, when ``max_count`` is given, at most ``shard.max_count``: one gene in one cell with, say,
+    1e30 UMIs is a corrupt or mis-scaled file, not biology, and float32 (how X/data is stored)
+    holds integers exactly only up to 2**24. Check the values before casting them to float32, so a
+    float64 value too large for float32 is reported as such rather than as infinite.
+    """
     bad = ~np.isfinite(data)
     what = "NaN or infinite"
     if not bad.any():
@@ -158,5 +169,12 @@ def check_values(path: Path, data: np.ndarray, indptr: np.ndarray, row0: int, re
     if bad.any():
         pos = int(np.flatnonzero(bad)[0])
         row = int(np.searchsorted(indptr, pos, side="right") - 1) + row0
-        raise DataError(path, f"{what} value {data[pos]!r} in cell row {row}; raw counts are expected "
+        raise DataError(path, f"{what} value {float(data[pos])!r} in cell row {row}; raw counts are expected "
                         "(finite, non-negative integers)")
+    if require_integer and max_count is not None and data.size:
+        over = data > max_count
+        if over.any():
+            pos = int(np.flatnonzero(over)[0])
+            row = int(np.searchsorted(indptr, pos, side="right") - 1) + row0
+            raise DataError(path, f"implausible count {float(data[pos]):.6g} in cell row {row}: above "
+                            f"shard.max_count={max_count:.6g} (raise shard.max_count if such counts are genuine)")

@@ -29,11 +29,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +42,7 @@ from perturbdiff.config import SynthConfig
 from perturbdiff.data import schema
 from perturbdiff.data.schema import DataError
 
+from .pool import run_parallel
 from .synthetic_biology import (BIOLOGY, baseline_logits, build_params, condition_effect, drug_columns, file_cells,
                                 hill_at, log_softmax, sample_chunk, sampling_arrays, well_columns)
 # write_h5ad and the layout constants are re-exported: ``from data_sharding.synthetic import write_h5ad`` works.
@@ -488,24 +486,11 @@ def generate(cfg: SynthConfig) -> dict:
         todo.append(i)
 
     cfg_dict = dataclasses.asdict(cfg)
-    results = []
-    if todo:
-        workers = max(1, min(int(cfg.num_workers), len(todo)))
-        tasks = [(cfg_dict, i, str(data / names[i])) for i in todo]
-        if workers == 1:
-            results = [_worker(t) for t in tasks]
-        else:
-            # A process pool that fails (BrokenProcessPool) rather than hangs when a worker is killed.
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-                futures = [pool.submit(_worker, t) for t in tasks]
-                try:
-                    for fut in as_completed(futures):
-                        results.append(fut.result())
-                except BrokenProcessPool as err:
-                    for fut in futures:
-                        fut.cancel()
-                    raise RuntimeError(f"a generator worker died (killed, or out of memory) after {len(results)} "
-                                       f"of {len(tasks)} files; rerun generate() to resume") from err
+    results: list[dict] = []
+    tasks = [(cfg_dict, i, str(data / names[i])) for i in todo]
+    # Workers die with this process; SIGTERM stops cleanly (exit 143); a dead worker raises WorkerDied (pool.py).
+    run_parallel(_worker, tasks, int(cfg.num_workers), results.append, job="synthetic generator",
+                 kept="finished files are kept", noun="files")
     t_gen = time.perf_counter() - t0
     written_cells = sum(r["cells"] for r in results)
 

@@ -6,11 +6,20 @@ Quirks handled (see perturbdiff/data/schema.py and ../shared/reference/data.md):
 - the dose is not in the expression rows: ``sample`` joins ``sample_metadata.drugname_drugconc``,
   so a perturbation is the (drug, dose) label, e.g. ``[('Dinaciclib', 0.5, 'uM')]``.
 Groups: context = cell_line_id, batch = plate, perturbation = drugname_drugconc.
+
+Rules (each broken one is a one-line DataError naming the file and the row / sample / column):
+- ``genes`` is a list of integers and ``expressions`` a list of numbers (checked on the arrow
+  schema at plan time, so strings are named as such, not reported as a missing marker);
+- a sample listed more than once in sample_metadata must agree on drugname_drugconc (and drug);
+  exact duplicate rows are harmless and dropped with a printed note;
+- when sample_metadata has a ``drug`` column, a data row's drug must be its sample's drug;
+- counts are integers in [0, shard.max_count].
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -68,7 +77,70 @@ def _read_table(path: Path, required: tuple[str, ...]) -> pa.Table:
     return table
 
 
-def plan(cfg: ShardConfig) -> Plan:
+def _list_type_ok(t: pa.DataType, value_ok: Callable[[pa.DataType], bool]) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and \
+        value_ok(t.value_type)
+
+
+def _check_row_types(path: Path, schema: pa.Schema) -> None:
+    """genes must hold integer token ids and expressions numbers; anything else (e.g. list<string>
+    from a re-export) is named here by its arrow type, before any part is converted."""
+    expected = {"genes": ("a list of integer gene token ids (list<int64>)", pa.types.is_integer),
+                "expressions": ("a list of numbers (list<float>)",
+                                lambda t: pa.types.is_integer(t) or pa.types.is_floating(t))}
+    for name, (want, value_ok) in expected.items():
+        t = schema.field(name).type
+        if not _list_type_ok(t, value_ok):
+            raise DataError(path, f"column {name!r} has arrow type {t}; expected {want}")
+
+
+def _samples(path: Path, table: pa.Table, control_drug: str,
+             log: Callable[[str], None]) -> tuple[dict[str, dict | None], set[str]]:
+    """The per-sample maps of the tasks (sample_label, sample_dose, sample_drug) from
+    sample_metadata, and the control labels.
+
+    The dose of a cell comes only from its sample's row, so a sample listed twice with different
+    labels (or drugs) has no one right answer: an error naming the sample. Exact duplicate rows
+    (in the columns used here) carry no conflict and are dropped. ``drug`` is optional; without it
+    data rows are not cross-checked.
+    """
+    cols = ["sample", "drugname_drugconc"] + (["drug"] if "drug" in table.column_names else [])
+    df = table.select(cols).to_pandas()
+    unique = df.drop_duplicates()
+    clash = unique["sample"].duplicated(keep=False)
+    if clash.any():
+        s = unique.loc[clash, "sample"].iloc[0]
+        rows = unique[unique["sample"] == s]
+        labels = rows["drugname_drugconc"].unique().tolist()
+        what = (f"drugname_drugconc {labels}" if len(labels) > 1
+                else f"drug {rows['drug'].unique().tolist()}")
+        n = int(unique.loc[clash, "sample"].nunique())
+        raise DataError(path, f"sample {s!r} is listed with different {what} ({n:,} sample(s) conflict); each "
+                        "sample (well) must have one treatment")
+    if len(unique) < len(df):
+        log(f"note: {path}: {len(df) - len(unique):,} duplicate row(s) of the same sample and treatment ignored")
+    label, dose, drug, controls = {}, {}, {}, set()
+    has_drug = "drug" in unique.columns
+    for rec in unique.itertuples(index=False):
+        s, text = rec.sample, rec.drugname_drugconc
+        try:
+            parsed = parse_drugconc(text)
+        except ValueError as err:
+            raise DataError(path, f"sample {s!r}: {err}") from None
+        label[s] = text
+        dose[s] = sum(c for _, c, _ in parsed)
+        if has_drug and isinstance(rec.drug, str):
+            drug[s] = rec.drug
+        if all(name == control_drug for name, _, _ in parsed):
+            controls.add(text)
+    return {"sample_label": label, "sample_dose": dose, "sample_drug": drug if has_drug else None}, controls
+
+
+def plan(cfg: ShardConfig, log: Callable[[str], None] = print) -> Plan:
+    """Read the metadata, check each data file's schema and cut the files into parts of whole row
+    groups; ``log`` prints the notes of the rules that are not errors."""
+    if not cfg.max_count > 0:
+        raise DataError(None, f"shard.max_count must be positive, not {cfg.max_count!r}")
     files, meta_guess = _data_files(cfg.inputs)
     meta_dir = Path(cfg.metadata_dir) if cfg.metadata_dir else meta_guess
     if meta_dir is None:
@@ -86,17 +158,9 @@ def plan(cfg: ShardConfig) -> Plan:
     lookup = np.full(int(token_ids.max()) + 1, -1, dtype=np.int32)
     lookup[token_ids[vocab_order]] = np.arange(len(token_ids), dtype=np.int32)
 
-    samples = _read_table(meta_dir / SAMPLE_METADATA_FILE, ("sample", "drugname_drugconc"))
-    sample_label, sample_dose, controls = {}, {}, set()
-    for s, label in zip(samples.column("sample").to_pylist(), samples.column("drugname_drugconc").to_pylist()):
-        try:
-            parsed = parse_drugconc(label)
-        except ValueError as err:
-            raise DataError(meta_dir / SAMPLE_METADATA_FILE, f"sample {s!r}: {err}") from None
-        sample_label[s] = label
-        sample_dose[s] = sum(c for _, c, _ in parsed)
-        if all(name == cfg.control_drug for name, _, _ in parsed):
-            controls.add(label)
+    sample_path = meta_dir / SAMPLE_METADATA_FILE
+    samples, controls = _samples(sample_path, _read_table(sample_path, ("sample", "drugname_drugconc")),
+                                 cfg.control_drug, log)
     if not controls:
         raise DataError(meta_dir / SAMPLE_METADATA_FILE,
                         f"no sample has the control drug {cfg.control_drug!r} (shard.control_drug)")
@@ -111,6 +175,7 @@ def plan(cfg: ShardConfig) -> Plan:
         missing = [c for c in TAHOE_COLUMNS if c not in names]
         if missing:
             raise DataError(f, f"missing column(s) {missing}; expected the Tahoe-100M schema {list(TAHOE_COLUMNS)}")
+        _check_row_types(f, pf.schema_arrow)
         md = pf.metadata
         if md.num_rows == 0:
             raise DataError(f, "contains no cells")
@@ -134,24 +199,31 @@ def plan(cfg: ShardConfig) -> Plan:
         gene_ids=genes.column("ensembl_id").to_numpy(zero_copy_only=False).astype(str)[vocab_order],
         gene_symbols=genes.column("gene_symbol").to_numpy(zero_copy_only=False).astype(str)[vocab_order],
         value_kind=VALUES_COUNTS,
-        shared={"lookup": lookup, "sample_label": sample_label, "sample_dose": sample_dose,
-                "metadata": str(meta_dir)},
+        shared={"lookup": lookup, **samples, "metadata": str(meta_dir), "max_count": cfg.max_count},
         extra={"control_perturbations": sorted(controls), "gene_id_kind": "ensembl",
                "source_format": "tahoe-100m-parquet",
                "columns": {"context": "cell_line_id", "batch": "plate", "perturbation": "drugname_drugconc"}},
     )
 
 
-def _flatten(col: pa.ChunkedArray, path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _flatten(col: pa.ChunkedArray, path: Path, name: str, row0: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row lengths, concatenated values) of a list column; null rows or null entries are errors."""
     arr = col.combine_chunks()
     if arr.null_count:
-        raise DataError(path, f"column {name!r} has {arr.null_count} null rows")
+        r = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(path, f"column {name!r} has {arr.null_count} null rows, the first is row {row0 + r}")
     lengths = pc.list_value_length(arr).to_numpy().astype(np.int64)
-    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
-    return lengths, values
+    flat = pc.list_flatten(arr)
+    if flat.null_count:
+        pos = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0])
+        r = int(np.searchsorted(np.cumsum(lengths), pos, side="right"))
+        raise DataError(path, f"column {name!r} has {flat.null_count} null value(s) inside its lists, the first "
+                        f"in row {row0 + r}")
+    return lengths, flat.to_numpy(zero_copy_only=False)
 
 
 def convert_task(task: dict, shared: dict) -> PartData:
+    """Row groups [rg0, rg1) of one file as a part; rows, values and the sample join are checked here."""
     path = Path(task["file"])
     rg0, rg1 = task["row_groups"]
     try:
@@ -160,8 +232,8 @@ def convert_task(task: dict, shared: dict) -> PartData:
     except (pa.ArrowException, OSError) as err:
         raise DataError(path, f"cannot read row groups {rg0}..{rg1 - 1} (truncated file?): {err}") from None
     row0 = sum(pf.metadata.row_group(i).num_rows for i in range(rg0))
-    g_len, tokens = _flatten(table.column("genes"), path, "genes")
-    e_len, values = _flatten(table.column("expressions"), path, "expressions")
+    g_len, tokens = _flatten(table.column("genes"), path, "genes", row0)
+    e_len, values = _flatten(table.column("expressions"), path, "expressions", row0)
     if not np.array_equal(g_len, e_len):
         r = int(np.flatnonzero(g_len != e_len)[0])
         raise DataError(path, f"row {row0 + r}: genes and expressions have different lengths")
@@ -178,7 +250,7 @@ def convert_task(task: dict, shared: dict) -> PartData:
                         f"{values[starts[r]]})")
     keep = np.ones(len(tokens), dtype=bool)
     keep[starts] = False
-    tokens, values = tokens[keep].astype(np.int64), values[keep].astype(np.float32)
+    tokens, values = tokens[keep].astype(np.int64), values[keep]
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(g_len - 1, out=indptr[1:])
 
@@ -191,7 +263,8 @@ def convert_task(task: dict, shared: dict) -> PartData:
         r = int(np.searchsorted(indptr, pos, side="right") - 1)
         raise DataError(path, f"gene token id {tokens[pos]} in row {row0 + r} is not in "
                         f"{GENE_METADATA_FILE} token_id (gene vocabulary mismatch)")
-    check_values(path, values, indptr, row0, require_integer=True)
+    check_values(path, values, indptr, row0, require_integer=True, max_count=shared["max_count"])
+    values = values.astype(np.float32)  # exact: integers up to max_count (1e7 < 2**24 by default)
 
     unsorted = idx[1:] <= idx[:-1]
     boundary = indptr[1:-1] - 1
@@ -222,11 +295,23 @@ def convert_task(task: dict, shared: dict) -> PartData:
             raise DataError(path, f"column {name!r} has {c.null_count} null values")
         return c.to_numpy(zero_copy_only=False).astype(str)
 
+    drug = col("drug")
+    sample_drug = shared.get("sample_drug")
+    if sample_drug is not None:  # the data row's drug must be its sample's (one comparison per cell)
+        known = np.array([s in sample_drug for s in uniq], dtype=bool)[inv]
+        expected = np.array([sample_drug.get(s, "") for s in uniq], dtype=str)[inv]
+        wrong = known & (expected != drug)
+        if wrong.any():
+            r, more = int(np.flatnonzero(wrong)[0]), int(wrong.sum()) - 1
+            rows = f"row {row0 + r}" + (f" (and {more:,} more)" if more else "")
+            raise DataError(path, f"{rows} has drug {str(drug[r])!r} but its sample {str(samples[r])!r} has drug "
+                            f"{str(expected[r])!r} in {SAMPLE_METADATA_FILE}")
+
     return PartData(
         indptr=indptr, indices=idx.astype(np.int32), data=values,
         groups={"context": col("cell_line_id"), "batch": col("plate"), "perturbation": pert},
         cell_id=col("BARCODE_SUB_LIB_ID"),
-        categorical={"drug": col("drug"), "sample": samples, "moa_fine": col("moa-fine")},
+        categorical={"drug": drug, "sample": samples, "moa_fine": col("moa-fine")},
         numeric={"dose": dose},
         source={"file": str(path), "rows": [row0, row0 + n]},
     )

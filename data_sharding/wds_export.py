@@ -10,14 +10,13 @@ reader normalises exactly as the store loader does (see perturbdiff/data/wds.py)
 
 Sample keys:  <key>.x.npz  <key>.ctrl.npz  (indptr, indices [panel positions], data, total)
               <key>.json   (group, context, batch, perturbation, codes, epoch, index)
-The output directory is written as <out>.tmp and renamed when complete.
+The output directory is staged beside <out> and renamed into place when complete (perturbdiff.outputs).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ from perturbdiff.config import DataConfig, WdsConfig
 from perturbdiff.data.loader import SetLoader
 from perturbdiff.data.store import CellStore
 from perturbdiff.data.wds import WDS_MANIFEST, WDS_VERSION
+from perturbdiff.outputs import OutputLock, Staging, check_output
 
 
 def _csr_payload(store: CellStore, rows: np.ndarray, panel_map: np.ndarray) -> bytes:
@@ -44,14 +44,27 @@ def _csr_payload(store: CellStore, rows: np.ndarray, panel_map: np.ndarray) -> b
     return buf.getvalue()
 
 
-def export_wds(data_cfg: DataConfig, cfg: WdsConfig, log: Callable[[str], None] = print) -> dict:
+def export_wds(data_cfg: DataConfig, cfg: WdsConfig, log: Callable[[str], None] = print,
+               overwrite: bool = False) -> dict:
+    """Write the WebDataset export of ``cfg.split`` to ``cfg.out`` (an earlier export there is
+    replaced only with ``overwrite``; any other existing directory is refused)."""
     if not cfg.out:
         raise ValueError("wds.out is not set")
+    out = check_output(cfg.out, "wds", inputs=[data_cfg.store], overwrite=overwrite)
+    with OutputLock(out, "WebDataset export"):
+        stage = Staging(out, "wds")
+        try:
+            manifest = _export(data_cfg, cfg, stage.open(), log)
+            stage.commit([WDS_MANIFEST, *manifest["shards"]])
+        except BaseException:
+            stage.abort()
+            raise
+    log(f"wrote {len(manifest['shards'])} shard(s) to {out}")
+    return manifest
+
+
+def _export(data_cfg: DataConfig, cfg: WdsConfig, tmp: Path, log) -> dict:
     out = Path(cfg.out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     loader = SetLoader(data_cfg, cfg.split, rank=0, world=1, log=log)
     store, sampler = loader.store, loader.sampler
     panel_map = store.panel_map(loader.panel)
@@ -88,8 +101,4 @@ def export_wds(data_cfg: DataConfig, cfg: WdsConfig, log: Callable[[str], None] 
                 "value_kind": store.value_kind, "panel_gene_ids": loader.gene_ids.tolist(),
                 "categories": {c: store.categories(c).tolist() for c in ("context", "batch", "perturbation")}}
     (tmp / WDS_MANIFEST).write_text(json.dumps(manifest))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log(f"wrote {len(shards)} shard(s) to {out}")
     return manifest

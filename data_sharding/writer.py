@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,8 +29,10 @@ from zarr.codecs import BloscCodec
 from perturbdiff.config import ShardConfig
 from perturbdiff.data.schema import (
     CELL_ID, CONDITION_COLUMNS, CONDITIONS_FILE, DTYPES, GROUP_COLUMNS, MANIFEST_FILE, N_GENES,
-    OBS_GROUP, SCHEMA_VERSION, STORE_ATTR, TOTAL_COUNTS, VAR_GROUP, X_GROUP, file_sha256,
+    OBS_GROUP, SCHEMA_VERSION, STORE_ATTR, TOTAL_COUNTS, VAR_GROUP, X_GROUP, file_sha256, hash_update,
 )
+
+from perturbdiff.outputs import commit_directory, remove_output
 
 from . import hvg
 from perturbdiff.data.csr import ranges_index, take_rows
@@ -83,16 +84,6 @@ class Appender:
         self.pending, self.pending_len = [], 0
         assert self.pos == self.array.shape[0], (self.array.name, self.pos, self.array.shape)
         return self.sha.hexdigest()
-
-
-def hash_update(sha, values: np.ndarray) -> None:
-    """Feed values to a hash, independently of how the array is cut into pieces."""
-    if values.dtype.kind in "OUT":
-        if len(values):
-            sha.update(("\x00".join(values.tolist()) + "\x00").encode())
-    else:
-        le = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))
-        sha.update(memoryview(le).cast("B"))
 
 
 def _array(group: zarr.Group, name: str, n: int, dtype, chunk: int, shard: int | None = None,
@@ -177,8 +168,7 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
 
     # ---- create the store under a temporary name ------------------------------------------
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_output(tmp, "store")  # a merge interrupted earlier (only ever our own)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     root.attrs[STORE_ATTR] = SCHEMA_VERSION
     xg, og, vg = root.create_group(X_GROUP), root.create_group(OBS_GROUP), root.create_group(VAR_GROUP)
@@ -361,9 +351,7 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
     }
     manifest.update({k: v for k, v in (extra or {}).items() if k not in manifest})
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    commit_directory(tmp, out, "store")  # replaces only an earlier store (--overwrite)
     log(f"wrote {out} ({n_cells:,} cells, {len(keys):,} groups, {nnz_total:,} nonzeros) "
         f"in {time.time() - t0:.1f}s")
     return manifest

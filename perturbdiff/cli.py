@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_config, resolve_paths, save_config
 from .data.schema import DataError
-from .train.checkpoint import CheckpointError
+from .errors import run_main
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -67,9 +67,12 @@ def stream_throughput(cfg: RunConfig, log=print) -> dict:
     return out
 
 
-def cmd_synth(cfg: RunConfig) -> None:
+def cmd_synth(cfg: RunConfig, overwrite: bool) -> None:
     from data_sharding.synthetic import generate
 
+    from .pipeline import prepare_synth_dir
+
+    prepare_synth_dir(cfg.synth.out_dir, overwrite)
     summary = generate(cfg.synth)
     save_config(cfg, cfg.synth.out_dir)
     print(f"synthetic dataset: {summary['num_cells']:,} cells in {summary['num_files']} parquet file(s) "
@@ -87,16 +90,16 @@ def cmd_shard(cfg: RunConfig, overwrite: bool) -> None:
 
 
 def cmd_verify(store: str, sources: str | None) -> None:
-    from data_sharding.verify import verify
+    from .data.integrity import verify
 
     summary = verify(store, sources)
     print(f"verified: {summary}")
 
 
-def cmd_export(cfg: RunConfig) -> None:
+def cmd_export(cfg: RunConfig, overwrite: bool) -> None:
     from data_sharding.wds_export import export_wds
 
-    export_wds(cfg.data, cfg.wds)
+    export_wds(cfg.data, cfg.wds, overwrite=overwrite)
     save_config(cfg, cfg.wds.out)
 
 
@@ -120,7 +123,7 @@ def cmd_predict(args) -> None:
     opts = PredictOptions(n_cells=args.n_cells, n_samples=args.n_samples, sets_per_batch=args.sets_per_batch,
                           sample_steps=args.sample_steps, guidance=args.guidance, missing_genes=args.missing_genes,
                           control_label=args.control_label, seed=args.seed, device=args.device,
-                          train_cells=args.train_cells)
+                          train_cells=args.train_cells, max_cells=args.max_cells)
     info = pdist.init_distributed()  # under torchrun: the sets are split over the processes / GPUs
     try:
         _predict(args, opts, info)
@@ -129,7 +132,8 @@ def cmd_predict(args) -> None:
 
 
 def _predict(args, opts, info) -> None:
-    from .predict import controls_from_h5ad, predict, predict_split, read_conditions
+    from .conditions import read_conditions
+    from .predict import controls_from_h5ad, predict, predict_split, write_prediction
     from .train.checkpoint import load_foundation
 
     found = load_foundation(args.checkpoint)
@@ -144,24 +148,31 @@ def _predict(args, opts, info) -> None:
 
         conditions = read_conditions(args.conditions, opts)
         normalize = NormalizeConfig(**found.manifest.get("extra", {}).get("normalize", {}))
-        pool = controls_from_h5ad(args.controls, found.genes, normalize, sorted(conditions["context"].unique()), opts,
-                                  pert_col=args.pert_col, context_col=args.context_col, batch_col=args.batch_col)
-        paths = [predict(found, conditions, pool, out / "pred.h5ad", opts)]
+
+        def body(stage: Path) -> list[Path]:
+            pool = controls_from_h5ad(args.controls, found.genes, normalize, sorted(conditions["context"].unique()),
+                                      opts, pert_col=args.pert_col, context_col=args.context_col,
+                                      batch_col=args.batch_col)
+            pred = predict(found, conditions, pool, stage / "pred.h5ad", opts)
+            return [pred] if pred is not None else []
+
+        paths = write_prediction(out, body, inputs=[args.checkpoint, args.controls, args.conditions],
+                                 overwrite=args.overwrite)
     else:
         cfg = _load(args)
-        paths = list(predict_split(found, cfg.data.store, cfg.data.split, args.split, out, opts))
+        paths = predict_split(found, cfg.data.store, cfg.data.split, args.split, out, opts, overwrite=args.overwrite)
     if info.rank == 0:
         print(f"wrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.1f}s")
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import EvaluateOptions, evaluate_files, format_table
+    from .evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
 
     if args.dir:
-        d = Path(args.dir)
-        pred, real = args.pred or d / "pred.h5ad", args.real or d / "real.h5ad"
-        train = args.train or (d / "train.h5ad" if (d / "train.h5ad").is_file() else None)
-        out = Path(args.out) if args.out else d / "eval"
+        files = prediction_files(args.dir)  # a complete prediction, or an error naming what is missing
+        pred, real = args.pred or files["pred"], args.real or files["real"]
+        train = args.train or files["train"]
+        out = Path(args.out) if args.out else Path(args.dir) / "eval"
     else:
         if not (args.pred and args.real):
             raise ConfigError("give --dir PREDICT_OUT, or --pred and --real (and --out)")
@@ -170,9 +181,13 @@ def cmd_evaluate(args) -> None:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     opts = EvaluateOptions(control_label=args.control_label, profile=args.profile, de_fdr=args.de_fdr,
                            methods=methods, distances=not args.no_distances, seed=args.seed)
-    ev = evaluate_files(pred, real, out, train, opts)
+    ev = evaluate_files(pred, real, out, train, opts, overwrite=args.overwrite)
     print(format_table(ev))
-    print(f"score: cell-eval's normalised score against {ev.summary['score_baseline']} (0 = no better, 1 = perfect)")
+    if ev.summary["score_baseline"]:
+        print(f"score: cell-eval's normalised score against {ev.summary['score_baseline']} "
+              "(0 = no better, 1 = perfect)")
+    else:
+        print("score: none (its baseline, perturbation_mean, needs the training cells: --train)")
     print(f"wrote {out}/ (metrics.csv, aggregated.csv, per_context.csv, scores.csv, summary.json) "
           f"in {ev.summary['seconds']['total']:.1f}s")
 
@@ -180,7 +195,8 @@ def cmd_evaluate(args) -> None:
 def cmd_report(args) -> None:
     from .eval.report import write_report
 
-    path = write_report(args.eval, out=args.out, run_dir=args.run or None, conditions=args.condition or None)
+    path = write_report(args.eval, out=args.out, run_dir=args.run or None, conditions=args.condition or None,
+                        overwrite=args.overwrite)
     print(f"report: {path}")
 
 
@@ -218,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--train-cells", type=int, default=256,
                    help="with --split: cells per training group sampled to train.h5ad for the baselines (0: none)")
+    p.add_argument("--max-cells", type=int, default=5_000_000,
+                   help="with --conditions: the most cells one call may generate (a guard against typos)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
     p = sub.add_parser("evaluate", help="score a prediction and the baselines (cell-eval metrics and more)")
     p.add_argument("--dir", default=None, help="a predict output directory (pred.h5ad, real.h5ad, train.h5ad)")
@@ -231,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--de-fdr", type=float, default=0.05)
     p.add_argument("--no-distances", action="store_true", help="skip MMD / energy distance per condition")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     p = sub.add_parser("report", help="an HTML report of an evaluation (and the training curves)")
     p.add_argument("--eval", required=True, help="an evaluate output directory")
     p.add_argument("--run", action="append", default=[],
@@ -238,35 +258,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output directory (default: <eval>/report)")
     p.add_argument("--condition", action="append", default=[],
                    help="context/perturbation to show in the cell-level plots (repeatable; default: chosen)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p = sub.add_parser("verify", help="re-check a store against its manifest")
     p.add_argument("store")
     p.add_argument("--sources", default=None, help="directory with the source files, to re-hash them")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "verify":
-            cmd_verify(args.store, args.sources)
-            return 0
-        if args.command in ("predict", "evaluate", "report"):
-            {"predict": cmd_predict, "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
-            return 0
-        cfg = _load(args)
-        if args.command == "demo":
-            cmd_demo(cfg, args.overwrite)
-        elif args.command == "pipeline":
-            cmd_pipeline(cfg, args.overwrite)
-        elif args.command == "synth":
-            cmd_synth(cfg)
-        elif args.command == "shard":
-            cmd_shard(cfg, args.overwrite)
-        elif args.command == "export-wds":
-            cmd_export(cfg)
-        elif args.command == "stream":
-            stream_throughput(cfg)
-            save_config(cfg, cfg.out_dir)
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"perturbdiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(f"perturbdiff {args.command}", lambda: _dispatch(args))
+
+
+def _dispatch(args) -> None:
+    if args.command == "verify":
+        return cmd_verify(args.store, args.sources)
+    if args.command in ("predict", "evaluate", "report"):
+        return {"predict": cmd_predict, "evaluate": cmd_evaluate, "report": cmd_report}[args.command](args)
+    cfg = _load(args)
+    if args.command == "demo":
+        cmd_demo(cfg, args.overwrite)
+    elif args.command == "pipeline":
+        cmd_pipeline(cfg, args.overwrite)
+    elif args.command == "synth":
+        cmd_synth(cfg, args.overwrite)
+    elif args.command == "shard":
+        cmd_shard(cfg, args.overwrite)
+    elif args.command == "export-wds":
+        cmd_export(cfg, args.overwrite)
+    elif args.command == "stream":
+        stream_throughput(cfg)
 
 
 if __name__ == "__main__":

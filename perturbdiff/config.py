@@ -2,13 +2,19 @@
 
 ``load_config(["configs/demo.yaml"], ["data.set_size=64"])`` merges, in order, the dataclass
 defaults, each YAML file, then the overrides, in OmegaConf struct mode, so an unknown or misspelled
-key is an error that names it. Library code receives plain dataclasses (``RunConfig``), never a
-``DictConfig``. ``save_config`` writes the resolved config next to an output.
+key is an error that names it; then every value is checked against its rule (config_rules.py), so a
+bad one (``train.max_steps=-5``) is an error naming the key before anything runs. Library code
+receives plain dataclasses (``RunConfig``), never a ``DictConfig``. Strings are literal: OmegaConf
+interpolation (``${...}``) and its missing-value marker (``???``) are not interpreted in user input,
+so a label may be any text. ``save_config`` writes the resolved config next to an output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -169,8 +175,8 @@ class DataConfig:
     num_workers: int = 0
     drop_last: bool = True  # equal sets per rank (avoids end-of-epoch collective hangs)
     # Full checksum pass over the store(s) before training or streaming (every array re-hashed
-    # against the manifest: minutes at Tahoe scale). Cheap structural checks run at every open and
-    # every read regardless (perturbdiff/data/store.py).
+    # against the manifest: ~20M nonzeros/s, so hours at Tahoe scale). Cheap structural checks run
+    # at every open and every read regardless (perturbdiff/data/integrity.py).
     verify_on_open: bool = False
     seed: int = 0
 
@@ -331,7 +337,7 @@ class RunConfig:
 
 
 class ConfigError(ValueError):
-    """A bad config: unknown key, wrong type, missing value."""
+    """A bad config: unknown key, wrong type, missing value, or a value that breaks its rule."""
 
 
 def _suggest(key: str, schema: Any) -> str:
@@ -350,56 +356,179 @@ def _suggest(key: str, schema: Any) -> str:
     return f" (did you mean '{'.'.join(parts[:-1] + close)}'?)" if close else ""
 
 
+def _yaml_loader() -> Any:
+    """OmegaConf's own YAML loader, so files and override values parse exactly as OmegaConf.load and
+    OmegaConf.from_dotlist parse them (1e-4 is a float, duplicate keys are errors, aliases are
+    bounded). It is private API; it moved from omegaconf._utils (2.3) to omegaconf._yaml (2.4)."""
+    try:
+        from omegaconf._yaml import get_yaml_loader
+    except ImportError:  # omegaconf 2.3
+        from omegaconf._utils import get_yaml_loader
+    return get_yaml_loader()
+
+
+def _yaml_dumper() -> Any:
+    """OmegaConf's YAML dumper (private API): it quotes the strings its loader would otherwise read
+    as numbers or booleans ('1e4', 'true'), so a saved config loads back to the same values."""
+    from omegaconf._utils import get_omega_conf_dumper
+
+    return get_omega_conf_dumper()
+
+
+class _Literals:
+    """Keeps user strings literal on their way through OmegaConf.
+
+    OmegaConf reads any string containing "${" as an interpolation (a perturbation named
+    "${oc.env:HOME}" became a home path; "a ${b" aborted the load) and the string "???" as a
+    missing value. The project uses neither, so every such string is swapped for a placeholder
+    before it reaches OmegaConf, and swapped back in the loaded dataclass and in error messages.
+    A placeholder holds a random token, so no user string can be mistaken for one; a placeholder
+    that lands in a field of another type fails that field's type check, as the string would.
+    """
+
+    def __init__(self) -> None:
+        self._token = secrets.token_hex(8)
+        self._originals: dict[str, str] = {}
+
+    def protect(self, data: Any) -> Any:
+        """``data`` (plain YAML values) with every string OmegaConf would interpret replaced."""
+        if isinstance(data, str):
+            if "${" not in data and data != "???":
+                return data
+            placeholder = f"<literal {self._token} {len(self._originals)}>"
+            self._originals[placeholder] = data
+            return placeholder
+        if isinstance(data, dict):
+            return {key: self.protect(value) for key, value in data.items()}
+        if isinstance(data, list):
+            return [self.protect(value) for value in data]
+        return data
+
+    def restore(self, obj: Any) -> Any:
+        """``obj`` (the loaded dataclass, in place) with every placeholder back to its string."""
+        if not self._originals:
+            return obj
+        if isinstance(obj, str):
+            return self._originals.get(obj, obj)
+        if isinstance(obj, list):
+            return [self.restore(value) for value in obj]
+        if isinstance(obj, dict):
+            return {key: self.restore(value) for key, value in obj.items()}
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                setattr(obj, f.name, self.restore(getattr(obj, f.name)))
+        return obj
+
+    def text(self, message: Any) -> str:
+        """The first line of an error message (OmegaConf appends lines repeating the key and the
+        object type), with the user's strings in place of the placeholders."""
+        message = (str(message).strip().splitlines() or [""])[0]
+        for placeholder, original in self._originals.items():
+            message = message.replace(placeholder, original)
+        return message
+
+
+def _read_file(path: str, literals: _Literals) -> Any:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=_yaml_loader())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:  # an empty file (or only comments)
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: must hold a mapping of config sections, not a {type(data).__name__}")
+    try:
+        return OmegaConf.create(literals.protect(data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config file {path}: {literals.text(err)}") from None
+
+
+# A dotted key, optionally with list indices: data.split.test, data.split.test[0].contexts
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*|\[\w+\])*\Z")
+
+
+def _parse_override(override: str, literals: _Literals) -> Any:
+    """``key=value`` as OmegaConf.from_dotlist reads it (the value parsed as YAML, the key a dotted
+    path), with the value's strings kept literal."""
+    key, _, text = override.partition("=")
+    try:
+        value = yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                          "flow mappings need a space after each colon, e.g. "
+                          "'data.split.test=[{contexts: [U87MG], perturbations: [MAPK1]}]'") from None
+    conf = OmegaConf.create()
+    try:
+        OmegaConf.update(conf, key, literals.protect(value))
+    except (OmegaConfBaseException, KeyError, ValueError) as err:
+        raise ConfigError(f"override {override!r}: {literals.text(err)}") from None
+    return conf
+
+
 def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = (),
                 schema: type = RunConfig) -> Any:
-    """Merge dataclass defaults, YAML presets and ``key=value`` overrides; return the dataclass.
+    """Merge dataclass defaults, YAML presets and ``key=value`` overrides; return the dataclass,
+    checked against config_rules.py when it is a RunConfig.
 
     Raises:
-        ConfigError: an unknown key (named, with a suggestion), a value of the wrong type, or a
-            file that does not exist.
+        ConfigError: an unknown key (named, with a suggestion), a value of the wrong type, a file
+            that does not exist or is not YAML, or a value that breaks its rule (named, with the rule).
     """
     base = OmegaConf.structured(schema)
-    merged = base
-    sources: list[tuple[str, Any]] = []
-    for f in files:
-        if not Path(f).is_file():
-            raise ConfigError(f"config file not found: {f}")
-        try:
-            sources.append((f, OmegaConf.load(f)))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {f} is not valid YAML: {err}") from None
-    bad = [o for o in overrides if "=" not in o]
+    literals = _Literals()
+    sources: list[tuple[str, Any]] = [(f, _read_file(f, literals)) for f in files]
+    bad = [o for o in overrides if not _OVERRIDE_KEY.match(o.partition("=")[0]) or "=" not in o]
     if bad:
-        raise ConfigError(f"overrides must look like key=value, got: {bad}")
-    for o in overrides:
-        try:
-            sources.append(("command line", OmegaConf.from_dotlist([o])))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {o!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
-                              "flow mappings need a space after each colon, e.g. "
-                              "'data.split.test=[{contexts: [U87MG], perturbations: [MAPK1]}]'") from None
+        raise ConfigError(f"overrides must look like key=value with a dotted config key, got: {bad}")
+    sources += [("command line", _parse_override(o, literals)) for o in overrides]
+    merged = base
     for where, src in sources:
         try:
             merged = OmegaConf.merge(merged, src)
         except (ConfigKeyError, ConfigAttributeError) as err:
-            key = getattr(err, "full_key", None) or str(err)
+            key = literals.text(getattr(err, "full_key", None) or err)
             raise ConfigError(f"{where}: unknown config key '{key}'{_suggest(str(key), base)}") from None
         except ValidationError as err:
-            raise ConfigError(f"{where}: bad value for '{err.full_key}': {err.msg}") from None
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"{where}: {err}") from None
-    return merged_to_object(merged)
+            raise ConfigError(f"{where}: bad value for '{err.full_key}': {literals.text(err.msg)}") from None
+        except (OmegaConfBaseException, TypeError) as err:  # TypeError: a list merged into a mapping, ...
+            raise ConfigError(f"{where}: {literals.text(err)}") from None
+    try:
+        cfg = literals.restore(merged_to_object(merged))
+    except ConfigError as err:
+        raise ConfigError(literals.text(err)) from None
+    if isinstance(cfg, RunConfig):
+        validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: RunConfig) -> RunConfig:
+    """Check every value of a RunConfig against its rule (perturbdiff/config_rules.py); returns cfg.
+    load_config runs it; code that builds or edits a RunConfig by hand can call it.
+
+    Raises:
+        ConfigError: one line naming each bad key, its value and the rule, e.g.
+            ``train.max_steps=-5: must be an integer >= 1``.
+    """
+    from .config_rules import validate_config as validate  # config_rules imports this module
+
+    return validate(cfg)
 
 
 def merged_to_object(merged: Any) -> Any:
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"config is incomplete or invalid: {err}") from None
+        raise ConfigError(f"config is incomplete or invalid: {(str(err).splitlines() or [''])[0]}") from None
 
 
 def to_yaml(cfg: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The dataclass ``cfg`` as YAML that load_config reads back to an equal dataclass. Dumped from
+    plain values, not through OmegaConf nodes, which would read "${" in a label as an interpolation."""
+    return yaml.dump(dataclasses.asdict(cfg), Dumper=_yaml_dumper(), default_flow_style=False,
+                     allow_unicode=True, sort_keys=False)
 
 
 def save_config(cfg: Any, out_dir: str | Path, name: str = "config.yaml") -> Path:

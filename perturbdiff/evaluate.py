@@ -26,14 +26,13 @@ calibration of the K sampled populations (``perturbdiff.eval.distribution``). Ou
     calibration.csv     per condition: coverage at 50/80/90% vs nominal, PIT mean / variance ratio
     summary.json        inputs, options, headline table (method x metric means), notes, timings
 
-Everything is written under a temporary directory that replaces ``--out`` only when complete.
+Everything is written under a temporary directory that replaces ``--out`` only when complete (an
+earlier evaluation there only with --overwrite); ``--dir`` requires a complete prediction directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from .data.schema import DataError
+from .outputs import OutputLock, Staging, check_output, out_of_space, require_complete, space_error
 
 #: metrics whose best value is 1 / 0 (cell-eval's registry; r_squared and the counts are not in it,
 #: so, as in ``cell-eval score``, they are not part of the normalised score)
@@ -192,13 +192,36 @@ def _describe_long(per: pd.DataFrame, metrics: list[str], by: list[str]) -> pd.D
     return out
 
 
+def prediction_files(pred_dir: str | Path) -> dict[str, Path | None]:
+    """pred / real / train of a ``perturbdiff predict`` output directory, which must be complete (its
+    marker lists the files it wrote, with their sizes): an interrupted or partly deleted prediction
+    is refused, never scored without some of its parts."""
+    d = Path(pred_dir)
+    if not d.is_dir():
+        raise DataError(d, "no such prediction directory")
+    marker = require_complete(d, "predict")
+    files = marker.get("files") or {}
+    for name in ("pred.h5ad", "real.h5ad"):
+        if name not in files:
+            raise DataError(d, f"the prediction has no {name} (predicted for user conditions, with no truth): "
+                            "give the truth with --real")
+    return {"pred": d / "pred.h5ad", "real": d / "real.h5ad",
+            "train": d / "train.h5ad" if "train.h5ad" in files else None}
+
+
 def evaluate_files(pred: str | Path, real: str | Path, out: str | Path, train: str | Path | None = None,
-                   opts: EvaluateOptions | None = None, log=print) -> Evaluation:
-    """Score ``pred`` and the baselines against ``real``; write the tables of the module docstring."""
+                   opts: EvaluateOptions | None = None, log=print, overwrite: bool = False) -> Evaluation:
+    """Score ``pred`` and the baselines against ``real``; write the tables of the module docstring.
+    An existing evaluation at ``out`` is replaced only with ``overwrite`` (perturbdiff.outputs)."""
+    check_output(out, "eval", inputs=[pred, real, train], overwrite=overwrite)
+    with OutputLock(out, "evaluation directory"):
+        return _evaluate_files(pred, real, Path(out), train, opts or EvaluateOptions(), log)
+
+
+def _evaluate_files(pred, real, out: Path, train, opts: EvaluateOptions, log) -> Evaluation:
     from .eval.distribution import condition_distances, replicate_calibration
     from .eval.suite import evaluate
 
-    opts = opts or EvaluateOptions()
     if opts.profile not in PROFILES:
         raise DataError(None, f"unknown profile {opts.profile!r}; known: {list(PROFILES)}")
     unknown = [m for m in opts.methods if m not in METHODS]
@@ -221,6 +244,9 @@ def evaluate_files(pred: str | Path, real: str | Path, out: str | Path, train: s
     skipped = [m for m in opts.methods if m not in methods]
     if skipped:
         notes["all"] = [f"baseline(s) {skipped} need the training cells (--train, or predict --train-cells): skipped"]
+    score_baseline = SCORE_BASELINE if SCORE_BASELINE in methods else None
+    if score_baseline is None:  # never a score against a baseline that was not scored
+        notes.setdefault("all", []).append(f"no normalised score: its baseline {SCORE_BASELINE} was not scored")
     log(f"evaluating {len(conditions)} condition(s) in {conditions['context'].nunique()} context(s): "
         f"{', '.join(methods)}")
     for method in methods:
@@ -251,7 +277,8 @@ def evaluate_files(pred: str | Path, real: str | Path, out: str | Path, train: s
     names = [c for c in metrics.columns if c not in front]
     aggregated = _describe_long(metrics, names, ["method"])
     per_context = _describe_long(metrics, names, ["method", "context"])
-    scores = normalised_scores(aggregated)
+    scores = normalised_scores(aggregated) if score_baseline else pd.DataFrame(
+        columns=["method", "metric", "from_baseline"])
     calib = None
     if opts.calibration and "model" in methods:
         t1 = time.time()
@@ -266,7 +293,7 @@ def evaluate_files(pred: str | Path, real: str | Path, out: str | Path, train: s
         "contexts": sorted(conditions["context"].unique().tolist()), "methods": methods,
         "headline": json.loads(headline.to_json(orient="index")),
         "avg_score": {r.method: r.from_baseline for r in scores[scores["metric"] == "avg_score"].itertuples()},
-        "score_baseline": SCORE_BASELINE, "notes": notes, "seconds": timings,
+        "score_baseline": score_baseline, "notes": notes, "seconds": timings,
         "n_samples": int(pred_ad.obs["sample"].max()) + 1 if "sample" in pred_ad.obs.columns else 1,
         "reference": "cell-eval 0.6.6 metric definitions (perturbdiff.eval.suite)",
     }
@@ -274,23 +301,27 @@ def evaluate_files(pred: str | Path, real: str | Path, out: str | Path, train: s
         cov = [c for c in calib.columns if c.startswith("coverage_") or c.startswith("nominal_")]
         summary["calibration"] = {c: float(np.nanmean(calib[c])) if calib[c].notna().any() else None
                                   for c in cov + ["pit_mean", "pit_var_ratio"]}
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    metrics.to_csv(tmp / "metrics.csv", index=False)
-    aggregated.to_csv(tmp / "aggregated.csv", index=False)
-    per_context.to_csv(tmp / "per_context.csv", index=False)
-    scores.to_csv(tmp / "scores.csv", index=False)
-    if calib is not None:
-        calib.drop(columns=["pit_hist"]).assign(
-            pit_hist=[json.dumps(list(map(int, h))) if h is not None else "" for h in calib["pit_hist"]]
-        ).to_csv(tmp / "calibration.csv", index=False)
     summary["seconds"]["total"] = round(time.time() - t0, 2)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    stage = Staging(out, "eval")
+    tmp = stage.open()
+    try:
+        metrics.to_csv(tmp / "metrics.csv", index=False)
+        aggregated.to_csv(tmp / "aggregated.csv", index=False)
+        per_context.to_csv(tmp / "per_context.csv", index=False)
+        scores.to_csv(tmp / "scores.csv", index=False)
+        files = ["metrics.csv", "aggregated.csv", "per_context.csv", "scores.csv", "summary.json"]
+        if calib is not None:
+            calib.drop(columns=["pit_hist"]).assign(
+                pit_hist=[json.dumps(list(map(int, h))) if h is not None else "" for h in calib["pit_hist"]]
+            ).to_csv(tmp / "calibration.csv", index=False)
+            files.append("calibration.csv")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+        stage.commit(files)
+    except BaseException as err:
+        stage.abort()
+        if out_of_space(err):
+            raise space_error(out, err) from None
+        raise
     return Evaluation(out, metrics, aggregated, scores, calib, summary)
 
 
@@ -310,9 +341,9 @@ def format_table(ev: Evaluation, metrics=HEADLINE) -> str:
     mean = ev.aggregated.pivot(index="method", columns="metric", values="mean").reindex(columns=cols)
     mean = mean.reindex([m for m in METHODS if m in mean.index])
     avg = {r.method: r.from_baseline for r in ev.scores[ev.scores["metric"] == "avg_score"].itertuples()}
-    head = f"{'method':<18}" + "".join(f"{c[:14]:>15}" for c in cols) + f"{'score':>8}"
+    head = f"{'method':<18}" + "".join(f"{c[:14]:>15}" for c in cols) + (f"{'score':>8}" if avg else "")
     lines = [head]
     for method, row in mean.iterrows():
         lines.append(f"{method:<18}" + "".join(f"{v:>15.4f}" for v in row.to_numpy())
-                     + f"{avg.get(method, float('nan')):>8.3f}")
+                     + (f"{avg.get(method, float('nan')):>8.3f}" if avg else ""))
     return "\n".join(lines)

@@ -17,7 +17,10 @@ Both training stages run in this process (plain torch, one device: a GPU when th
 scale the same stages are the launchers (``deepspeed launch/pretrain.py``, ``torchrun
 launch/finetune.py``) followed by ``perturbdiff predict / evaluate / report`` (see the README).
 Each stage is restartable: a finished training run resumes at its last step (nothing to do), and
-``--overwrite`` starts the training stages afresh.
+``--overwrite`` starts the training stages afresh (and rebuilds the store and the synthetic source).
+predict/, eval/ and report/ are remade on every run. Only directories the pipeline marked as its
+own are ever removed or replaced, and one pipeline at a time may write an out_dir
+(perturbdiff.outputs).
 
 This module and ``cli.py`` are the application layer: the only parts of ``perturbdiff`` that call
 into ``data_sharding``.
@@ -26,11 +29,11 @@ into ``data_sharding``.
 from __future__ import annotations
 
 import copy
-import shutil
 import time
 from pathlib import Path
 
-from .config import ConfigError, HoldoutRule, RunConfig, save_config
+from .config import ConfigError, HoldoutRule, RunConfig, save_config, validate_config
+from .outputs import OutputLock, check_output, read_marker, remove_output, write_marker
 
 
 class Stages:
@@ -60,14 +63,23 @@ def demo_holdout(source: Path) -> tuple[HoldoutRule, HoldoutRule]:
     return strongest(lines[-1], 4), strongest(lines[0], 2)
 
 
+def prepare_synth_dir(out_dir: str, overwrite: bool) -> None:
+    """The synthetic source directory: new, empty or an earlier synthetic source (continued, or
+    with ``overwrite`` removed first); marked as ours."""
+    check_output(out_dir, "synth", replaces=False)
+    if overwrite:
+        remove_output(out_dir, "synth")
+    if read_marker(out_dir) is None:
+        write_marker(out_dir, "synth")
+
+
 def synthesise(cfg: RunConfig, overwrite: bool, stage: Stages) -> bool:
     """[demo] write the synthetic source; returns whether it was (re)generated."""
     from data_sharding.synthetic import generate
 
     stage(f"synthesise {cfg.synth.num_cells:,} cells x {cfg.synth.num_genes:,} genes (Tahoe-100M parquet "
           f"schema, known drug effects) -> {cfg.synth.out_dir}")
-    if overwrite:
-        shutil.rmtree(cfg.synth.out_dir, ignore_errors=True)
+    prepare_synth_dir(cfg.synth.out_dir, overwrite)
     try:
         summary = generate(cfg.synth)
     except ValueError as err:
@@ -85,7 +97,7 @@ def synthesise(cfg: RunConfig, overwrite: bool, stage: Stages) -> bool:
 def build_store(cfg: RunConfig, overwrite: bool, stage: Stages, sources: str | None = None) -> None:
     """Shard ``shard.inputs`` into ``data.store`` unless a complete store is there; verify it."""
     from data_sharding.convert import convert
-    from data_sharding.verify import verify
+    from .data.integrity import verify
 
     store = Path(cfg.data.store)
     if (store / "manifest.json").is_file() and not overwrite:
@@ -123,13 +135,11 @@ def train_stages(cfg: RunConfig, overwrite: bool, stage: Stages) -> Path:
     init = None
     for name, mode, steps, lr in ((PRETRAIN, PRETRAIN, p.pretrain_steps, p.pretrain_lr),
                                   (FINETUNE, FINETUNE, p.finetune_steps, None)):
-        if steps <= 0:
-            if mode == FINETUNE:
-                raise ConfigError("pipeline.finetune_steps must be >= 1")
+        if steps <= 0:  # pretraining skipped (finetune_steps >= 1 is a config rule)
             continue
         sub = _stage_config(cfg, name, steps, lr)
         if overwrite:
-            shutil.rmtree(sub.out_dir, ignore_errors=True)
+            remove_output(sub.out_dir, "run")
         what = ("marginal pretraining (sets given their context; no control stream, no perturbation label)"
                 if mode == PRETRAIN else "fine-tuning the conditional model" + (f" from {init}" if init else ""))
         stage(f"{what}: {steps} steps of {cfg.data.sets_per_batch} sets x {cfg.data.set_size} cells -> {sub.out_dir}")
@@ -152,21 +162,22 @@ def predict_stage(cfg: RunConfig, foundation: Path, stage: Stages) -> Path:
                           seed=cfg.train.seed)
     t0 = time.time()
     paths = predict_split(load_foundation(foundation), cfg.data.store, cfg.data.split, "test", out, opts,
-                          log=lambda s: None if s.startswith("  predicted") else print(f"      {s.strip()}"))
+                          log=lambda s: None if s.startswith("  predicted") else print(f"      {s.strip()}"),
+                          overwrite=True)  # the pipeline's own stage output, remade every run
     print(f"      wrote {', '.join(q.name for q in paths)} in {time.time() - t0:.1f}s")
     return out
 
 
 def evaluate_stage(cfg: RunConfig, pred_dir: Path, stage: Stages) -> Path:
-    from .evaluate import EvaluateOptions, evaluate_files, format_table
+    from .evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
 
     out = Path(cfg.out_dir) / "eval"
     stage(f"evaluate against the truth beside the baselines (cell-eval 0.6.6 metrics, MMD, energy distance, "
           f"calibration) -> {out}")
-    train = pred_dir / "train.h5ad"
-    ev = evaluate_files(pred_dir / "pred.h5ad", pred_dir / "real.h5ad", out, train if train.is_file() else None,
+    files = prediction_files(pred_dir)  # the whole prediction, or an error saying what is missing
+    ev = evaluate_files(files["pred"], files["real"], out, files["train"],
                         EvaluateOptions(profile=cfg.pipeline.profile, seed=cfg.train.seed),
-                        log=lambda s: print(f"      {s.strip()}"))
+                        log=lambda s: print(f"      {s.strip()}"), overwrite=True)
     print("\n".join(f"      {line}" for line in format_table(ev).splitlines()))
     return out
 
@@ -178,15 +189,22 @@ def report_stage(cfg: RunConfig, eval_dir: Path, stage: Stages) -> Path | None:
     stage(f"report -> {out}")
     runs = [d for d in (Path(cfg.out_dir) / "pretrain", Path(cfg.out_dir) / "finetune")
             if (d / "metrics.jsonl").is_file()]
-    return write_report(eval_dir, out=out, run_dir=runs or None)
+    return write_report(eval_dir, out=out, run_dir=runs or None, overwrite=True)
 
 
 def run_pipeline(cfg: RunConfig, overwrite: bool = False, synthetic: bool = False) -> Path | None:
     """The whole job; returns the report (or the evaluation directory without a report)."""
     t0 = time.time()
     stage = Stages(int(synthetic) + 1 + int(cfg.pipeline.pretrain_steps > 0) + 3 + int(cfg.pipeline.report))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    validate_config(cfg)  # also when the config was built in code, not loaded
+    out = check_output(cfg.out_dir, "pipeline", replaces=False, inputs=[*cfg.shard.inputs, cfg.shard.metadata_dir])
+    with OutputLock(out, "pipeline directory"):
+        if read_marker(out) is None:
+            write_marker(out, "pipeline")
+        return _run_pipeline(cfg, out, overwrite, synthetic, stage, t0)
+
+
+def _run_pipeline(cfg: RunConfig, out: Path, overwrite: bool, synthetic: bool, stage: Stages, t0: float) -> Path:
     sources = None
     if synthetic:
         overwrite = synthesise(cfg, overwrite, stage) or overwrite

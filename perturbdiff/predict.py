@@ -25,6 +25,7 @@ values are counts) and normalised like the training data.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,11 @@ import scipy.sparse as sp
 import torch
 
 from .config import NormalizeConfig
+from .conditions import covariates, normalise_conditions
 from .data.schema import VALUES_COUNTS, VALUES_LOGNORM, DataError
 from .data.store import to_dense
+from .errors import one_line
+from .outputs import OutputLock, Staging, check_output, out_of_space, space_error
 from .train import distributed as pdist
 
 OBS_COLUMNS = ("perturbation", "context", "batch", "sample", "is_control")
@@ -51,6 +55,7 @@ class PredictOptions:
     guidance: float | None = None
     max_controls: int = 2_000  # real control cells per context appended to the outputs
     train_cells: int = 0  # > 0: predict_split also samples this many cells per training group (train.h5ad)
+    max_cells: int = 5_000_000  # generated cells per call, over all conditions (a bound on typos like 1e9)
     missing_genes: str = "error"  # error | zero
     control_label: str = "control"
     seed: int = 0
@@ -131,7 +136,12 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
     """Control cells of a user's h5ad (rows whose ``pert_col`` is the control label)."""
     import anndata as ad
 
-    adata = ad.read_h5ad(path, backed="r")
+    if not Path(path).is_file():
+        raise DataError(path, "controls h5ad not found")
+    try:
+        adata = ad.read_h5ad(path, backed="r")
+    except Exception as err:  # noqa: BLE001 - h5py / anndata raise many kinds for a damaged file
+        raise DataError(path, f"cannot read the controls h5ad (truncated or damaged?): {one_line(err)}") from None
     for col in (pert_col, context_col, *([batch_col] if batch_col else [])):
         if col not in adata.obs.columns:
             raise DataError(path, f"obs has no column {col!r} (columns: {list(adata.obs.columns)[:10]})")
@@ -149,7 +159,11 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
         if len(rows) == 0:
             raise DataError(path, f"no control cells for context {c!r} (empty control pool)")
         rows = _sample(rows, opts.max_controls, rng)
-        X = sp.csr_matrix(adata.X[rows])
+        try:
+            X = sp.csr_matrix(adata.X[rows])
+        except Exception as err:  # noqa: BLE001 - a truncated X fails only when its rows are read
+            raise DataError(path, f"cannot read X rows of context {c!r} (truncated or damaged?): {one_line(err)}") \
+                from None
         if kind is None:
             kind = VALUES_COUNTS if np.array_equal(X.data, np.round(X.data)) else VALUES_LOGNORM
             notes.append(f"{path}: values look like {'raw counts' if kind == VALUES_COUNTS else 'log-normalised'}")
@@ -166,9 +180,56 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
 # ---------------------------------------------------------------------------------------------
 
 
+class _WriteGuard(io.RawIOBase):
+    """The file under an h5py.File that survives a failed write (a full disk or quota).
+
+    When a write fails, HDF5 can neither flush nor close the file, and the process then crashes at
+    exit (a segmentation fault while h5py frees its objects: seen with a full disk). Through this
+    file object the first failed write is remembered and every later write is dropped, so HDF5
+    closes cleanly; the writer then raises the remembered error and removes the file."""
+
+    def __init__(self, path: Path):
+        self.raw = open(path, "w+b", buffering=0)  # unbuffered: a failure surfaces in write()
+        self.failed: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def readinto(self, buffer) -> int:
+        return self.raw.readinto(buffer)
+
+    def write(self, data) -> int:
+        if self.failed is None:
+            try:
+                return self.raw.write(data)
+            except OSError as err:
+                self.failed = err
+        return len(data)
+
+    def truncate(self, size: int | None = None) -> int:
+        return self.raw.truncate(size)
+
+    def close(self) -> None:
+        super().close()
+        self.raw.close()
+
+
 class StreamingH5ad:
     """An .h5ad whose X (CSR) grows by appended row blocks; obs is written on ``close``. Written to
-    ``<path>.partial`` and renamed on success, so a failure never leaves a complete-looking file."""
+    ``<path>.partial`` and renamed on success, so a failure never leaves a complete-looking file.
+    A failed write (a full disk) is raised at the next append or at close, as an OSError."""
 
     def __init__(self, path: str | Path, genes: list[str]):
         import h5py
@@ -176,7 +237,8 @@ class StreamingH5ad:
 
         self.path, self.tmp = Path(path), Path(f"{path}.partial")
         self.tmp.parent.mkdir(parents=True, exist_ok=True)
-        self.file = h5py.File(self.tmp, "w")
+        self.guard = _WriteGuard(self.tmp)
+        self.file = h5py.File(self.guard, "w")
         self.file.attrs["encoding-type"], self.file.attrs["encoding-version"] = "anndata", "0.1.0"
         write_elem(self.file, "X", sp.csr_matrix((0, len(genes)), dtype=np.float32))
         write_elem(self.file, "var", pd.DataFrame(index=pd.Index([str(g) for g in genes], name="gene")))
@@ -190,6 +252,7 @@ class StreamingH5ad:
         if self._x is None:
             self._x = sparse_dataset(self.file["X"])
         self._x.append(sp.csr_matrix(x, dtype=np.float32))
+        self._raise_failed()
         k = x.shape[0]
         for key, value in zip(OBS_COLUMNS, (perturbation, context, batch, sample, is_control)):
             self.obs[key].extend(np.broadcast_to(np.asarray(value), (k,)).tolist())
@@ -208,77 +271,23 @@ class StreamingH5ad:
         for key in ("obsm", "varm", "obsp", "varp", "layers"):
             write_elem(self.file, key, {})
         self.file.close()
+        self.guard.close()
+        self._raise_failed()
         os.replace(self.tmp, self.path)
         return self.path
 
+    def _raise_failed(self) -> None:
+        if self.guard.failed is not None:
+            err = self.guard.failed
+            raise OSError(err.errno, f"{err.strerror} (writing {self.tmp})", str(self.tmp)) from err
+
     def abort(self) -> None:
         try:
-            self.file.close()
+            if self.file.id.valid:
+                self.file.close()
+            self.guard.close()
         finally:
             self.tmp.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Conditions
-# ---------------------------------------------------------------------------------------------
-
-
-def read_conditions(path: str, opts: PredictOptions) -> pd.DataFrame:
-    """A conditions file (.csv, .tsv or .parquet): columns perturbation, context; optional batch,
-    n_cells, n_samples, dose."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(path, "conditions file not found")
-    df = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, sep="\t" if p.suffix == ".tsv" else ",")
-    missing = [c for c in ("perturbation", "context") if c not in df.columns]
-    if missing:
-        raise DataError(path, f"conditions need columns {missing} (has {list(df.columns)})")
-    return normalise_conditions(df, opts)
-
-
-def normalise_conditions(df: pd.DataFrame, opts: PredictOptions) -> pd.DataFrame:
-    df = df.copy()
-    df["perturbation"], df["context"] = df["perturbation"].astype(str), df["context"].astype(str)
-    if "batch" not in df.columns:
-        df["batch"] = None
-    df["n_cells"] = df["n_cells"].astype(int) if "n_cells" in df.columns else opts.n_cells
-    df["n_samples"] = df["n_samples"].astype(int) if "n_samples" in df.columns else opts.n_samples
-    bad = df[(df["n_cells"] < 1) | (df["n_samples"] < 1)]
-    if len(bad):
-        raise DataError(None, f"condition {tuple(bad.iloc[0][['context', 'perturbation']])}: n_cells and n_samples "
-                        "must be >= 1")
-    return df.reset_index(drop=True)
-
-
-def covariates(conditions: pd.DataFrame, vocabularies: dict[str, list[str]], model, notes: list[str]) -> dict:
-    """[C] covariate tensors for the conditions; unknown names are errors naming the condition."""
-    out: dict[str, torch.Tensor] = {}
-    branches = set(model.cov_encoder.branch_names)
-    for name in ("context", "perturbation"):
-        if name not in branches:
-            continue
-        index = {v: i for i, v in enumerate(vocabularies.get(name, []))}
-        ids = []
-        for _, row in conditions.iterrows():
-            if row[name] not in index:
-                what = ("neither in the checkpoint's perturbation vocabulary nor in its feature table"
-                        if name == "perturbation" else "not in the checkpoint's context vocabulary")
-                raise DataError(None, f"condition (context={row['context']!r}, perturbation={row['perturbation']!r}): "
-                                f"{name} {row[name]!r} is {what} ({len(index)} known, e.g. {list(index)[:5]})")
-            ids.append(index[row[name]])
-        out[name] = torch.tensor(ids, dtype=torch.long)
-    if "batch" in branches:
-        index = {v: i for i, v in enumerate(vocabularies.get("batch", []))}
-        known = conditions["batch"].map(lambda b: b in index)
-        if known.all():
-            out["batch"] = torch.tensor([index[b] for b in conditions["batch"]], dtype=torch.long)
-        else:
-            notes.append(f"{int((~known).sum())} condition(s) name no known batch: the batch covariate is left "
-                         "out (its null token) for all conditions")
-    for name in model.cfg.numeric_covariates:
-        col = conditions[name] if name in conditions.columns else pd.Series(np.nan, index=conditions.index)
-        out[f"num_{name}"] = torch.tensor(col.astype(float).to_numpy(), dtype=torch.float32)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +298,13 @@ def covariates(conditions: pd.DataFrame, vocabularies: dict[str, list[str]], mod
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DataError(None, f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(None, f"--device {name}: no CUDA device is available here (use auto or cpu)")
+    return device
 
 
 def _set_seed(seed: int, i: int, s: int, k: int) -> int:
@@ -317,10 +332,14 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
     rank, world = pdist.get_rank(), pdist.get_world_size()
     device = _device(opts.device) if world == 1 or opts.device != "auto" else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+    steps = opts.sample_steps or diffusion.cfg.sample_steps
+    if not 1 <= steps <= diffusion.cfg.steps:
+        raise DataError(None, f"--sample-steps {steps}: must be in 1 .. {diffusion.cfg.steps} (the checkpoint's "
+                        "diffusion.steps)")
     model = found.build(device=device).eval()
     marginal = diffusion.cfg.p_drop_control >= 1.0
     notes = list(pool.notes)
-    cov = covariates(conditions, found.vocabularies, model, notes)
+    cov = covariates(conditions, found.vocabularies, model, notes, extra.get("numeric_in_data"))
     jobs = [(i, s, k, min(m, n - k)) for i, row in conditions.iterrows() for s in range(int(row["n_samples"]))
             for n in [int(row["n_cells"])] for k in range(0, n, m)]
     lo, hi = len(jobs) * rank // world, len(jobs) * (rank + 1) // world
@@ -455,11 +474,50 @@ def train_from_store(store_path: str, groups: pd.DataFrame, genes: list[str], no
         raise
 
 
+def write_prediction(out_dir: str | Path, body, *, inputs=(), overwrite: bool = False) -> tuple[Path, ...]:
+    """Run ``body(stage_dir) -> [written paths]`` on every rank and put its files in place as one unit.
+
+    Rank 0 checks ``out_dir`` before any work (perturbdiff.outputs: never an input, a file or a
+    directory that is not an earlier prediction; an earlier one only with ``overwrite``), holds its
+    lock, and opens a staging directory beside it (the same on every rank). When ``body`` is done,
+    rank 0 records the files with their sizes in the completion marker and renames the staging
+    directory to ``out_dir``: a reader sees every file of the call or none (``evaluate --dir``
+    requires the marker). On any failure the staging directory is removed; a full disk is one
+    DataError naming ``out_dir``. Returns the final paths on rank 0, () elsewhere."""
+    rank, world = pdist.get_rank(), pdist.get_world_size()
+    out_dir = Path(out_dir)
+    stage = Staging(out_dir, "predict", shared=world > 1)
+    lock = None
+    try:
+        if rank == 0:
+            check_output(out_dir, "predict", inputs=inputs, overwrite=overwrite)
+            lock = OutputLock(out_dir, "prediction directory").acquire()
+            stage.open(processes=world)
+        if world > 1:
+            pdist.barrier()  # the staging directory exists
+        written = body(stage.path)
+        if rank != 0:
+            return ()
+        names = [Path(w).name for w in written]
+        stage.commit(names)
+        return tuple(out_dir / n for n in names)
+    except BaseException as err:
+        if rank == 0:
+            stage.abort()
+        if out_of_space(err):
+            raise space_error(out_dir, err) from None
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def predict_split(found, store_path: str, split_cfg, split: str, out_dir: str | Path, opts: PredictOptions,
-                  log=print) -> tuple[Path, ...]:
+                  log=print, overwrite: bool = False) -> tuple[Path, ...]:
     """Predict every group of ``split`` in a store (one condition per group, its size in cells) and
-    write the truth beside it: (pred.h5ad, real.h5ad[, train.h5ad]). With ``opts.train_cells`` > 0 a
-    sample of the training groups (and the controls) goes to train.h5ad, for the baselines."""
+    write the truth beside it: (pred.h5ad, real.h5ad[, train.h5ad]), as one unit (``write_prediction``).
+    With ``opts.train_cells`` > 0 a sample of the training groups (and the controls) goes to
+    train.h5ad, for the baselines."""
     from .data.splits import assign_splits
     from .data.store import CellStore
 
@@ -469,24 +527,27 @@ def predict_split(found, store_path: str, split_cfg, split: str, out_dir: str | 
     groups = cond[(labels == split) & (cond["n"] > 0)].reset_index(drop=True)
     if groups.empty:
         raise DataError(store_path, f"split {split!r} has no conditions to predict")
-    numeric = [c for c in found.model_cfg.numeric_covariates if c in groups.columns]
-    conditions = normalise_conditions(groups[["perturbation", "context", "batch", *numeric]].assign(
-        n_cells=groups["n"], n_samples=opts.n_samples), opts)
+    # the store's numeric covariates; one it lacks is unknown (NaN), as in training on this store
+    numeric = {c: groups[c] if c in groups.columns else np.nan for c in found.model_cfg.numeric_covariates}
+    conditions = normalise_conditions(groups[["perturbation", "context", "batch"]].assign(
+        **numeric, n_cells=groups["n"], n_samples=opts.n_samples), opts, source=store_path)
     genes = found.genes
     normalize = NormalizeConfig(**found.manifest.get("extra", {}).get("normalize", {}))
-    pool = controls_from_store(store_path, genes, normalize, sorted(conditions["context"].unique()), opts)
-    out_dir = Path(out_dir)
-    log(f"predicting {len(conditions)} {split} condition(s), {int(conditions['n_cells'].sum()):,} cells x "
-        f"{opts.n_samples} population(s)")
-    pred = predict(found, conditions, pool, out_dir / "pred.h5ad", opts, log)
-    if pred is None:  # not rank 0 of a multi-process prediction: rank 0 writes the rest
-        return ()
-    real = real_from_store(store_path, groups, genes, normalize, pool, out_dir / "real.h5ad", opts)
-    if opts.train_cells <= 0:
-        return pred, real
-    keep = ((labels == "train") | (labels == "control")) & (cond["n"] > 0).to_numpy()
-    log(f"sampling up to {opts.train_cells} cells of each of {int(keep.sum())} training/control group(s) for the "
-        "baselines -> train.h5ad")
-    train = train_from_store(store_path, cond[keep].reset_index(drop=True), genes, normalize,
-                             out_dir / "train.h5ad", opts)
-    return pred, real, train
+
+    def body(stage: Path) -> list[Path]:
+        pool = controls_from_store(store_path, genes, normalize, sorted(conditions["context"].unique()), opts)
+        log(f"predicting {len(conditions)} {split} condition(s), {int(conditions['n_cells'].sum()):,} cells x "
+            f"{opts.n_samples} population(s)")
+        pred = predict(found, conditions, pool, stage / "pred.h5ad", opts, log)
+        if pred is None:  # not rank 0 of a multi-process prediction: rank 0 writes the rest
+            return []
+        written = [pred, real_from_store(store_path, groups, genes, normalize, pool, stage / "real.h5ad", opts)]
+        if opts.train_cells > 0:
+            keep = ((labels == "train") | (labels == "control")) & (cond["n"] > 0).to_numpy()
+            log(f"sampling up to {opts.train_cells} cells of each of {int(keep.sum())} training/control group(s) "
+                "for the baselines -> train.h5ad")
+            written.append(train_from_store(store_path, cond[keep].reset_index(drop=True), genes, normalize,
+                                            stage / "train.h5ad", opts))
+        return written
+
+    return write_prediction(out_dir, body, inputs=[store_path], overwrite=overwrite)

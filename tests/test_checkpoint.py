@@ -12,7 +12,7 @@ import torch
 
 from perturbdiff.config import ModelConfig, OptimConfig
 from perturbdiff.models import build_model
-from perturbdiff.train.checkpoint import (CheckpointError, atomic_directory, latest_step, list_steps,
+from perturbdiff.train.checkpoint import (CheckpointError, atomic_directory, content_sha256, latest_step, list_steps,
                                           load_foundation, rotate, save_foundation, step_dir)
 from perturbdiff.train.optim import EMA, build_optimizer, lr_factor, param_groups
 
@@ -76,7 +76,8 @@ def test_truncated_altered_and_foreign_checkpoints_are_named(tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
     with pytest.raises(CheckpointError, match="format version 99 is newer"):
         load_foundation(path)
-    (path / "manifest.json").write_text(json.dumps(manifest | {"model": manifest["model"] | {"warp_drive": 1}}))
+    newer = manifest | {"model": manifest["model"] | {"warp_drive": 1}}  # as a newer perturbdiff writes it
+    (path / "manifest.json").write_text(json.dumps(newer | {"content_sha256": content_sha256(newer)}))
     with pytest.raises(CheckpointError, match=r"keys \['warp_drive'\] are unknown"):
         load_foundation(path)
     (path / "manifest.json").write_text("{not json")
@@ -87,6 +88,26 @@ def test_truncated_altered_and_foreign_checkpoints_are_named(tmp_path):
         load_foundation(path)
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_foundation(tmp_path / "nowhere")
+
+
+def test_an_edited_manifest_is_refused(tmp_path):
+    """Swapping two gene names (or any edit of the vocabularies or config) would predict those genes
+    swapped: the manifest's content is checksummed, so the load fails instead."""
+    path = save_foundation(tmp_path / "f", _model().state_dict(), model_cfg=ModelConfig(size="tiny"), genes=GENES,
+                           vocabularies=VOCAB)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert load_foundation(path).genes == GENES
+    for edit in ({"genes": [GENES[1], GENES[0], *GENES[2:]]},
+                 {"vocabularies": {k: v[::-1] for k, v in manifest["vocabularies"].items()}},
+                 {"model": manifest["model"] | {"qk_norm": not manifest["model"]["qk_norm"]}},
+                 {"content_sha256": "0" * 64}):
+        (path / "manifest.json").write_text(json.dumps(manifest | edit, indent=1))
+        with pytest.raises(CheckpointError, match="does not match its checksum"):
+            load_foundation(path)
+    old = {k: v for k, v in manifest.items() if k != "content_sha256"} | {"format_version": 1}
+    (path / "manifest.json").write_text(json.dumps(old))  # written before the checksum existed
+    with pytest.warns(UserWarning, match="no manifest checksum"):
+        assert load_foundation(path).genes == GENES
 
 
 def test_weights_that_do_not_fit_their_manifest_are_refused(tmp_path):

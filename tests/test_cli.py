@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from perturbdiff.config import RunConfig, load_config
+from perturbdiff.outputs import MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def test_demo_main_job_tiny(tmp_path):
     for stage in ("pretrain", "finetune"):
         assert (out / stage / "foundation" / "model.safetensors").is_file()
         assert (out / stage / "metrics.jsonl").stat().st_size > 0
-    assert {p.name for p in (out / "predict").iterdir()} == {"pred.h5ad", "real.h5ad", "train.h5ad"}
+    assert {p.name for p in (out / "predict").iterdir()} == {"pred.h5ad", "real.h5ad", "train.h5ad", MARKER}
     metrics = pd.read_csv(out / "eval" / "metrics.csv")
     assert set(metrics["method"]) == {"model", "control_mean", "perturbation_mean", "linear", "ceiling"}
     # the held-out conditions recorded in the saved config are exactly the ones evaluated

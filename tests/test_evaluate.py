@@ -4,6 +4,7 @@ the normalised score, the files it writes, and the errors a user meets with bad 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ from eval_inputs import HELD_OUT, K, build_inputs
 from perturbdiff.data.schema import DataError
 from perturbdiff.eval.baselines import normalised_score
 from perturbdiff.eval.suite import evaluate
-from perturbdiff.evaluate import BEST_ONE, BEST_ZERO, METHODS, EvaluateOptions, evaluate_files
+from perturbdiff.evaluate import (BEST_ONE, BEST_ZERO, METHODS, EvaluateOptions, evaluate_files, format_table,
+                                  prediction_files)
+from perturbdiff.outputs import Staging
 
 ROOT = Path(__file__).resolve().parents[1]
 N_COND = sum(len(v) for v in HELD_OUT.values())
@@ -176,16 +179,51 @@ def test_condition_without_truth_and_unreadable_files(inputs, tmp_path):
     _fails(inputs, tmp_path, r"pred_noctx\.h5ad.*no column 'context'", pred=bad)
 
 
-def test_command_line(inputs, tmp_path):
-    d = tmp_path / "predict"
-    d.mkdir()
+def _prediction_dir(inputs, d: Path) -> Path:
+    """A complete prediction directory, as ``perturbdiff predict`` leaves it (files + marker)."""
+    stage = Staging(d, "predict")
+    stage.open()
     for name in ("pred", "real", "train"):
-        (d / f"{name}.h5ad").write_bytes(inputs[name].read_bytes())
+        (stage.path / f"{name}.h5ad").write_bytes(inputs[name].read_bytes())
+    return stage.commit(["pred.h5ad", "real.h5ad", "train.h5ad"])
+
+
+def test_command_line(inputs, tmp_path):
+    d = _prediction_dir(inputs, tmp_path / "predict")
     run = lambda *a: subprocess.run([sys.executable, "-m", "perturbdiff.cli", "evaluate", *a], cwd=ROOT,  # noqa: E731
                                     capture_output=True, text=True, timeout=300)
     res = run("--dir", str(d), "--profile", "minimal", "--no-distances")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "perturbation_mean" in res.stdout and (d / "eval" / "summary.json").is_file()
-    res = run("--pred", str(d / "pred.h5ad"), "--real", str(d / "pred.h5ad"), "--control-label", "ctrl")
+    res = run("--dir", str(d), "--profile", "minimal", "--no-distances")  # an earlier evaluation is kept ...
+    assert res.returncode == 2 and "pass --overwrite" in res.stderr
+    res = run("--dir", str(d), "--profile", "minimal", "--no-distances", "--overwrite")  # ... unless asked
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run("--pred", str(d / "pred.h5ad"), "--real", str(d / "pred.h5ad"), "--control-label", "ctrl",
+              "--out", str(tmp_path / "eval2"))
     assert res.returncode == 2
     assert "no control cells" in res.stderr and "pred.h5ad" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_incomplete_prediction_is_refused_and_no_score_without_its_baseline(inputs, tmp_path):
+    """evaluate --dir scores a prediction only when every file it wrote is there, as written; without
+    the training cells the perturbation-mean baseline is skipped and no score is reported against it."""
+    d = _prediction_dir(inputs, tmp_path / "predict")
+    (d / "train.h5ad").unlink()  # e.g. a disk that filled up, or a user's cleanup
+    with pytest.raises(DataError, match="incomplete predict output: train.h5ad is missing"):
+        prediction_files(d)
+    (d / "train.h5ad").write_bytes(inputs["train"].read_bytes()[:1000])
+    with pytest.raises(DataError, match="train.h5ad: size 1000 differs"):
+        prediction_files(d)
+    half = Staging(tmp_path / "half", "predict")
+    half.open()
+    os.replace(half.path, tmp_path / "half")  # a staging directory renamed by hand: still incomplete
+    with pytest.raises(DataError, match="incomplete predict output"):
+        prediction_files(tmp_path / "half")
+    with pytest.raises(DataError, match="not a complete perturbdiff predict output"):
+        prediction_files(tmp_path)
+    ev = evaluate_files(inputs["pred"], inputs["real"], tmp_path / "ev", None,
+                        EvaluateOptions(profile="minimal", distances=False), log=lambda *a: None)
+    assert ev.summary["score_baseline"] is None and ev.summary["avg_score"] == {} and ev.scores.empty
+    assert any("no normalised score" in n for n in ev.summary["notes"]["all"])
+    assert "score" not in format_table(ev).splitlines()[0]

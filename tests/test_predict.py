@@ -16,8 +16,8 @@ from perturbdiff.config import DiffusionConfig, ModelConfig, NormalizeConfig, Sp
 from perturbdiff.data.loader import SetLoader
 from perturbdiff.data.schema import DataError
 from perturbdiff.models import build_model
-from perturbdiff.predict import (PredictOptions, StreamingH5ad, controls_from_h5ad, predict, predict_split,
-                                 read_conditions)
+from perturbdiff.conditions import read_conditions
+from perturbdiff.predict import PredictOptions, StreamingH5ad, controls_from_h5ad, predict, predict_split
 from perturbdiff.train.checkpoint import load_foundation, save_foundation
 from helpers import data_cfg
 
@@ -38,7 +38,8 @@ def foundation(store, tmp_path_factory):
     cfg = ModelConfig(size="tiny")
     model = build_model(cfg, len(loader.gene_ids), {k: len(v) for k, v in vocabs.items()})
     extra = {"set_size": 8, "normalize": dataclasses.asdict(NormalizeConfig()),
-             "diffusion": dataclasses.asdict(DiffusionConfig(kme_impl="torch", steps=50))}
+             "diffusion": dataclasses.asdict(DiffusionConfig(kme_impl="torch", steps=50)),
+             "numeric_in_data": sorted(loader.group_numeric)}  # as the trainer records it
     path = tmp_path_factory.mktemp("found") / "foundation"
     save_foundation(path, model.state_dict(), model_cfg=cfg, genes=list(loader.gene_ids), vocabularies=vocabs,
                     extra=extra)

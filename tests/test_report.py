@@ -227,21 +227,31 @@ def test_failure_leaves_no_partial_output(eval_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="plot failed"):
         rp.write_report(eval_dir, out=out, log=lambda s: None)
     assert not out.exists() and not list(tmp_path.iterdir())
-    old = tmp_path / "old"  # an earlier report is kept as it was
-    old.mkdir()
-    (old / "index.html").write_text("earlier")
+    monkeypatch.undo()
+    old = tmp_path / "old"  # an earlier report is kept as it was when its replacement fails
+    rp.write_report(eval_dir, out=old, log=lambda s: None)
+    before = (old / "index.html").read_text()
     monkeypatch.setattr(rp, "_plot_metrics", boom)
     with pytest.raises(RuntimeError):
-        rp.write_report(eval_dir, out=old, log=lambda s: None)
-    assert (old / "index.html").read_text() == "earlier"
+        rp.write_report(eval_dir, out=old, log=lambda s: None, overwrite=True)
+    assert (old / "index.html").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
 def test_refuses_to_replace_a_non_report_directory(eval_dir, tmp_path):
-    (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(DataError, match="not a report directory"):
-        rp.write_report(eval_dir, out=tmp_path, log=lambda s: None)
-    assert (tmp_path / "keep.txt").is_file()
+    """A user's directory is never replaced, even one that happens to hold an index.html; an
+    earlier report only with overwrite."""
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("my page")
+    (mine / "keep.txt").write_text("x")
+    with pytest.raises(DataError, match="not a perturbdiff output"):
+        rp.write_report(eval_dir, out=mine, log=lambda s: None, overwrite=True)
+    assert (mine / "index.html").read_text() == "my page" and (mine / "keep.txt").is_file()
+    report = rp.write_report(eval_dir, out=tmp_path / "r", log=lambda s: None)
+    with pytest.raises(DataError, match="pass --overwrite"):
+        rp.write_report(eval_dir, out=tmp_path / "r", log=lambda s: None)
+    assert rp.write_report(eval_dir, out=tmp_path / "r", log=lambda s: None, overwrite=True) == report
 
 
 def test_renders_in_headless_chromium(report, tmp_path):

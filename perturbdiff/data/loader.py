@@ -16,9 +16,17 @@ Batch (dict of tensors):
     group      int64 [B]  conditions-table row;  index  int64 [B]  position in the epoch order
     num_<c>    float32 [B]  numeric covariates of the group (conditions.parquet columns, e.g. num_dose)
     rows, ctrl_rows  int64 [B, M]  store rows (-1 where masked), for tracing and tests
+
+Errors: a DataError in a DataLoader worker (a damaged store read there) reaches the main process
+as the same DataError (path and problem): torch re-raises worker exceptions as ``type(msg)``, which
+DataError(path, problem) cannot be rebuilt from, so workers yield an error record instead
+(``worker_safe``) and ``ResumableLoader.__iter__`` raises it. With ``data.verify_on_open`` the full
+checksum pass runs once per store, in the main process, before any worker starts.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,8 +34,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from perturbdiff.config import DataConfig
 
+from .integrity import verify_once
 from .sampler import SetSampler, SetSpec, num_batches
-from .schema import CONDITION_COLUMNS
+from .schema import CONDITION_COLUMNS, DataError
 from .splits import TRAIN, assign_splits, check_no_leakage
 from .store import CellStore
 
@@ -36,6 +45,22 @@ def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+# Key of the record a worker yields in place of a batch when it hits a DataError: [path, problem].
+DATA_ERROR_KEY = "__perturbdiff_data_error__"
+
+
+def worker_safe(batches: Iterator[dict]) -> Iterator[dict]:
+    """``batches``, except that in a DataLoader worker a DataError becomes a last error record
+    (re-raised by ResumableLoader.__iter__ in the main process as the same DataError)."""
+    if get_worker_info() is None:
+        yield from batches
+        return
+    try:
+        yield from batches
+    except DataError as err:
+        yield {DATA_ERROR_KEY: [err.path, err.problem]}
 
 
 class _SetDataset(IterableDataset):
@@ -47,6 +72,9 @@ class _SetDataset(IterableDataset):
         self.epoch, self.first, self.total = epoch, first, loader.num_batches(epoch)
 
     def __iter__(self):
+        return worker_safe(self._batches())
+
+    def _batches(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         store = CellStore(self.store_path)
@@ -106,6 +134,8 @@ class ResumableLoader:
         dl = DataLoader(self._dataset(self.epoch, self.next_batch), batch_size=None, num_workers=workers,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
         for batch in dl:
+            if DATA_ERROR_KEY in batch:
+                raise DataError(*batch[DATA_ERROR_KEY])
             self.next_batch += 1
             yield batch
         if not self.eval_mode:
@@ -128,6 +158,8 @@ class SetLoader(ResumableLoader):
         self.cfg, self.split = cfg, split
         self.eval_mode = (split != TRAIN) if eval_mode is None else eval_mode
         self.store = CellStore(cfg.store)
+        if cfg.verify_on_open:
+            verify_once(self.store.path, log=log)
         cond = self.store.conditions
         self.split_labels = assign_splits(cond, cfg.split, log=log)
         self.sampler = SetSampler(cond, self.split_labels, cfg, split, self.eval_mode, log=log)

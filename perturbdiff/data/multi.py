@@ -36,6 +36,9 @@ Batch (dict of tensors), as SetLoader's but in the union:
                lacks the column (the model treats NaN as missing)
     group, index, rows, ctrl_rows  PER-STORE values: conditions-table row of the batch's store, position
                in that store's epoch order, that store's rows (-1 where masked)
+
+Integrity: as SetLoader's. Each store's SetLoader runs ``data.verify_on_open``'s full pass for its
+store in the main process when it is built, and a DataError in a worker arrives as a DataError.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,7 +54,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from perturbdiff.config import DataConfig
 
-from .loader import ResumableLoader, SetLoader, collate
+from .loader import ResumableLoader, SetLoader, collate, worker_safe
 from .schema import DataError
 from .splits import TRAIN
 from .store import CellStore
@@ -77,6 +81,9 @@ class _MultiDataset(IterableDataset):
         self.epoch, self.first, self.B = epoch, first, loader.cfg.sets_per_batch
 
     def __iter__(self):
+        return worker_safe(self._batches())
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         stores: dict[int, CellStore] = {}

@@ -34,6 +34,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SCHEMA_VERSION = 1
 STORE_ATTR = "perturbdiff_store"
 
@@ -178,3 +180,18 @@ def file_sha256(path: str | Path, bufsize: int = 1 << 22) -> str:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
+
+
+def hash_update(sha, values: np.ndarray) -> None:
+    """Feed values to a hash, independently of how the array is cut into pieces.
+
+    The writer hashes each array as it appends it and the checksum pass re-hashes it chunk by
+    chunk; both must agree, so strings are joined with NUL terminators and numbers hashed as
+    little-endian bytes (whatever the machine's byte order).
+    """
+    if values.dtype.kind in "OUT":
+        if len(values):
+            sha.update(("\x00".join(values.tolist()) + "\x00").encode())
+    else:
+        le = np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False))
+        sha.update(memoryview(le).cast("B"))

@@ -1,6 +1,9 @@
 """Read a PerturbDiff cell store: rows as CSR, or dense on a gene panel with on-read normalisation.
 
 Shape legend: N cells in the store, G genes in the store vocabulary, P genes in the panel.
+
+Opening a store runs the cheap structural checks and every ``read_csr`` checks what it read
+(perturbdiff/data/integrity.py says which); a damaged store is a DataError, not a silent run.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ import zarr
 from perturbdiff.config import NormalizeConfig, PanelConfig
 
 from .chunks import fast_or_zarr
-from .schema import (
-    CONDITIONS_FILE, STORE_ATTR, VALUES_COUNTS, VALUES_LOGNORM, DataError, read_manifest,
-)
+from .integrity import check_arrays, check_indptr, check_indptr_slice, check_values, read_conditions
+from .schema import STORE_ATTR, VALUES_COUNTS, VALUES_LOGNORM, DataError, read_manifest
 
 
 class CellStore:
@@ -26,16 +28,14 @@ class CellStore:
         cache_bytes = int(cache_mb) << 20
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
+        check_arrays(self.path, self.manifest)  # before zarr-python parses any array's metadata
         try:
             self.root = zarr.open_group(str(self.path), mode="r")
         except Exception as err:  # noqa: BLE001
             raise DataError(self.path, f"cannot open the Zarr group: {err}") from None
         if self.root.attrs.get(STORE_ATTR) != self.manifest["schema_version"]:
             raise DataError(self.path, "Zarr attributes and manifest disagree on the schema version")
-        cond_path = self.path / CONDITIONS_FILE
-        if not cond_path.is_file():
-            raise DataError(self.path, f"{CONDITIONS_FILE} is missing")
-        self.conditions = pd.read_parquet(cond_path)
+        self.conditions: pd.DataFrame = read_conditions(self.path, self.manifest)
         self.indptr_arr = self.root["X/indptr"]
         self.indices_arr = self.root["X/indices"]
         self.data_arr = self.root["X/data"]
@@ -45,6 +45,8 @@ class CellStore:
         self.data_fast = fast_or_zarr(self.data_arr, self.path / "X" / "data", cache_bytes)
         self.value_kind = self.manifest["value_kind"]
         self._cache: dict[str, np.ndarray] = {}
+        self._nnz, self._num_genes = int(self.manifest["nnz"]), int(self.manifest["num_genes"])
+        check_indptr(self.path, self.manifest, self.conditions, self.indptr_fast)
 
     # ---- metadata -----------------------------------------------------------------------------
 
@@ -110,16 +112,24 @@ class CellStore:
     # ---- rows -----------------------------------------------------------------------------------
 
     def read_csr(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CSR (indptr, indices, data) of ``rows`` (sorted, unique); each needed chunk is read once."""
+        """CSR (indptr, indices, data) of ``rows`` (sorted, unique); each needed chunk is read once.
+
+        Checks what it reads (row pointers monotone within [0, nnz], gene indices within [0, G),
+        values finite and non-negative): damage a store's open-time checks cannot see surfaces
+        here as a DataError naming the array and the row, before it reaches a model.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
         ip = np.asarray(self.indptr_fast[rows[0]:rows[-1] + 2])
+        check_indptr_slice(self.path, int(rows[0]), ip, self._nnz)
         starts, stops = ip[rows - rows[0]], ip[rows - rows[0] + 1]
         lengths = stops - starts
         out_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(lengths, out=out_ptr[1:])
-        return out_ptr, self.indices_fast.take(starts, lengths), self.data_fast.take(starts, lengths)
+        indices, data = self.indices_fast.take(starts, lengths), self.data_fast.take(starts, lengths)
+        check_values(self.path, rows, starts, out_ptr, indices, data, self._num_genes)
+        return out_ptr, indices, data
 
     def read_dense(self, rows: np.ndarray, panel: np.ndarray, normalize: NormalizeConfig) -> np.ndarray:
         """Rows as a dense float32 [len(rows), P] array on ``panel``, normalised (see to_dense)."""

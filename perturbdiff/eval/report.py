@@ -31,7 +31,6 @@ import html
 import importlib.metadata
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..data.schema import DataError
+from ..outputs import OutputLock, Staging, check_output, read_jsonl
 from ..evaluate import HEADLINE, METHODS
 from .report_plots import (LOWER_IS_BETTER, MAX_CELLS, NOT_RANKED, _direction, _fit_pca, _numeric_series, _obs,
                            _plot_calibration, _plot_deltas, _plot_metrics, _plot_pca, _plot_populations,
@@ -230,15 +230,7 @@ def _load_runs(run_dir) -> list[_Run]:
         log_file = d if d.is_file() else d / "metrics.jsonl"
         if not log_file.is_file():
             raise DataError(log_file, "training log not found (give a training run directory with metrics.jsonl)")
-        records, bad = [], 0
-        for line in log_file.read_text().splitlines():
-            try:
-                rec = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:  # e.g. the last line of a run still writing
-                bad += 1
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
+        records, bad = read_jsonl(log_file)  # a torn last line of a run still writing is counted, not fatal
         cfg = log_file.parent / "config.yaml"
         runs.append(_Run(log_file.parent.name, log_file.parent, records, bad,
                          cfg.read_text() if cfg.is_file() else None))
@@ -326,11 +318,12 @@ def _metric_tables(ev: EvalDir) -> str:
                            f"{format_value(r['min'])}, max {format_value(r['max'])}, n = {r['count']}"
                            for r in agg.to_dict("records")]).pivot(index="method", columns="metric", values="tip")
     full = mean[list(dict.fromkeys(agg["metric"]))]
-    baseline = ev.summary.get("score_baseline", "perturbation_mean")
+    baseline = ev.summary.get("score_baseline")
+    about_score = (f"avg_score = cell-eval's normalised score against {_esc(baseline)} (0 = no better, 1 = perfect)."
+                   if baseline and len(avg) else "No normalised score: its baseline was not scored.")
     return (f"<p class='note'>Means over the {ev.summary.get('n_conditions', '?')} conditions; "
             f"\u2191 higher / \u2193 lower is better; the best non-ceiling value of each column is marked "
-            f"(ceiling = real vs real split halves, an upper bound). avg_score = cell-eval's normalised score "
-            f"against {_esc(baseline)} (0 = no better, 1 = perfect).</p>" + _method_table(head)
+            f"(ceiling = real vs real split halves, an upper bound). {about_score}</p>" + _method_table(head)
             + "<details><summary>All metrics (hover a value for median, std, min, max)</summary>"
             + _method_table(full, tips.reindex(index=methods), by_metric=True) + "</details>")
 
@@ -483,37 +476,37 @@ def _build(ev: EvalDir, runs: list[_Run], requested, page: _Page, log, t0: float
             + "\n".join(page.parts) + "\n</body></html>\n")
 
 
-def write_report(eval_dir, out=None, run_dir=None, conditions=None, log=print) -> Path:
+def write_report(eval_dir, out=None, run_dir=None, conditions=None, log=print, overwrite: bool = False) -> Path:
     """Write the report of the evaluation directory ``eval_dir``; return the path of its index.html.
 
     Args:
         eval_dir: a ``perturbdiff evaluate`` output directory.
-        out: output directory (default ``<eval_dir>/report``); an existing report there is replaced.
+        out: output directory (default ``<eval_dir>/report``). An earlier report there is replaced
+            only with ``overwrite``; any other existing directory is refused (perturbdiff.outputs).
         run_dir: None, a training run directory (with metrics.jsonl), or a list of them (e.g. the
             pretraining and the fine-tuning run), plotted together, labelled by directory name.
         conditions: "context/perturbation" strings (or perturbation names unique across contexts)
             for the cell-level plots; default: the ``N_DEFAULT`` conditions with the largest real
             effect (L2 norm of the real pseudobulk delta).
+        overwrite: replace an earlier report at ``out``.
     """
     t0 = time.time()
+    out = Path(out) if out is not None else Path(eval_dir) / "report"
+    runs_in = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir or [])
+    check_output(out, "report", inputs=[eval_dir, *runs_in], overwrite=overwrite)
     ev = load_eval(eval_dir)
     if conditions:
         resolve_conditions(conditions, ev.conditions())  # fail before any work
     runs = _load_runs(run_dir)
-    out = Path(out).resolve() if out is not None else ev.path.resolve() / "report"
-    if out.exists() and not (out.is_dir() and ((out / "index.html").is_file() or not any(out.iterdir()))):
-        raise DataError(out, "exists and is not a report directory (no index.html): choose another --out")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        page = _Page(tmp)
-        (tmp / "index.html").write_text(_build(ev, runs, conditions, page, log, t0), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with OutputLock(out, "report directory"):
+        stage = Staging(out, "report")
+        tmp = stage.open()
+        try:
+            page = _Page(tmp)
+            (tmp / "index.html").write_text(_build(ev, runs, conditions, page, log, t0), encoding="utf-8")
+            stage.commit(["index.html"])
+        except BaseException:
+            stage.abort()
+            raise
     log(f"report: {len(page.figures)} figures written in {time.time() - t0:.1f}s")
     return out / "index.html"

@@ -11,22 +11,23 @@ without unpickling anything:
 ``load_foundation`` checks all of it and says what is wrong (a truncated or altered weights file, a
 newer format, a tensor missing or of another shape) instead of failing deep inside torch.
 
-Every checkpoint directory (foundation or resumable) is written through ``atomic_directory``: into a
-hidden temporary sibling, fsynced, then renamed into place, so a crash during a save never damages
-the last good checkpoint. ``rotate`` keeps the newest N ``step_<n>`` directories.
+Every checkpoint directory (foundation or resumable) is written through ``perturbdiff.outputs``'
+atomic directories: into a hidden temporary sibling, fsynced, then renamed into place, so a crash
+during a save never damages the last good checkpoint (and an existing directory is replaced only
+when it is a foundation checkpoint). ``rotate`` keeps the newest N ``step_<n>`` directories.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
 import shutil
 import time
-from contextlib import contextmanager
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -35,9 +36,10 @@ from safetensors.torch import load_file, save_file
 from .. import __version__
 from ..config import ModelConfig
 from ..data.schema import SCHEMA_VERSION, file_sha256
+from ..outputs import atomic_directory
 
 FORMAT = "perturbdiff-foundation"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's own content is checksummed (content_sha256)
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 STEP_PREFIX = "step_"
 
@@ -47,52 +49,8 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic directories and rotation
+# Step directories and rotation
 # ---------------------------------------------------------------------------------------------
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``final`` in one rename.
-
-    On an exception the temporary directory is removed and ``final`` (if any) is untouched."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        commit_directory(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def commit_directory(tmp: str | Path, final: str | Path) -> None:
-    """Fsync the finished ``tmp`` tree and rename it to ``final`` (replacing an existing one).
-
-    The step ``atomic_directory`` ends with; distributed saves, where every rank writes into one
-    temporary directory, call it on rank 0 once all ranks are done."""
-    tmp, final = Path(tmp), Path(final)
-    _fsync_tree(tmp)
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def step_dir(parent: str | Path, step: int) -> Path:
@@ -173,9 +131,10 @@ def save_foundation(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
         "extra": dict(extra or {}),
     }
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="foundation") as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         manifest["weights_sha256"] = file_sha256(tmp / WEIGHTS)
+        manifest["content_sha256"] = content_sha256(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return Path(path)
 
@@ -190,6 +149,13 @@ def _model_config(manifest: dict, where: Path) -> ModelConfig:
         raise CheckpointError(f"{where}: model config keys {unknown} are unknown to this code version "
                               f"({__version__}); the checkpoint needs a newer perturbdiff")
     return ModelConfig(**raw)
+
+
+def content_sha256(manifest: Mapping) -> str:
+    """The sha256 of a manifest's content (all of it but this digest), as canonical JSON: the gene
+    order, vocabularies, config and weight digest cannot change without it changing."""
+    body = {k: v for k, v in manifest.items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -210,6 +176,12 @@ def read_manifest(path: str | Path) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(f"{file}: format version {version} is newer than this code reads "
                               f"({FORMAT_VERSION}); upgrade perturbdiff")
+    if version >= 2 and manifest.get("content_sha256") != content_sha256(manifest):
+        raise CheckpointError(f"{file}: its content does not match its checksum (content_sha256): the gene list, "
+                              "vocabularies or config were altered after it was written")
+    if version < 2:
+        warnings.warn(f"{file}: a format-{version} foundation has no manifest checksum, so an edit of its genes or "
+                      "vocabularies cannot be detected; re-export it with this perturbdiff", stacklevel=2)
     return manifest
 
 

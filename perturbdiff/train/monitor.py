@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from ..outputs import read_jsonl, repair_jsonl
 
 # Dense peak FLOP/s per device: (bf16, fp32). fp32 matmuls on these GPUs run as TF32 when allowed;
 # we count the plain fp32 peak so fp32 MFU is not flattered.
@@ -84,6 +87,8 @@ class Monitor:
         self.metrics_path = self.out / "metrics.jsonl"
         if enabled:
             self.out.mkdir(parents=True, exist_ok=True)
+            if repair_jsonl(self.metrics_path):  # a torn last record would glue onto the next append
+                log(f"note: {self.metrics_path}: removed a torn last line")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -95,12 +100,16 @@ class Monitor:
         self._t0, self._start_step = time.perf_counter(), step
 
     def truncate_after(self, step: int) -> None:
-        """Drop metrics.jsonl records of steps after ``step`` (a resumed run writes them again)."""
+        """Drop metrics.jsonl records of steps after ``step`` (a resumed run writes them again), and
+        any torn or undecodable line (a crash or a full disk during an append); rewritten atomically."""
         if not self.enabled or not self.metrics_path.is_file():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        records, dropped = read_jsonl(self.metrics_path)
+        if dropped:
+            self.log(f"note: {self.metrics_path}: dropped {dropped} torn or undecodable line(s)")
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
+        os.replace(tmp, self.metrics_path)
 
     def scalars(self, step: int, values: dict[str, float], record: bool = True) -> None:
         if not self.enabled:

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, load_config, resolve_paths, save_config
+from ..config import ConfigError, RunConfig, load_config, resolve_paths, save_config, validate_config
 from ..data.loader import build_loader
-from ..data.schema import DataError
+from ..errors import run_main
+from ..outputs import OutputLock, check_output, read_marker, write_marker
 from . import distributed as pdist
-from .checkpoint import CheckpointError, latest_step, load_foundation
+from .checkpoint import latest_step, load_foundation
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 MODES = (PRETRAIN, FINETUNE)
@@ -122,11 +122,13 @@ def build_trainer(cfg: RunConfig, mode: str, init: str | None, info: pdist.DistI
 def run(cfg: RunConfig, mode: str, init: str | None = None, log=print) -> dict:
     """The whole job on this rank; returns the training summary (rank 0's figures)."""
     apply_mode(cfg, mode, log)
+    validate_config(cfg)  # also when the config was built in code, not loaded
     info = pdist.init_distributed(timeout_s=cfg.train.dist_timeout_s)
-    trainer = None
+    trainer = lock = None
     try:
         pdist.seed_everything(cfg.train.seed, info.rank)
         if info.rank == 0:
+            lock = claim_run_dir(cfg, init)
             save_config(cfg, cfg.out_dir)
         trainer = build_trainer(cfg, mode, init, info, log)
         path = resume_path(cfg)
@@ -139,7 +141,20 @@ def run(cfg: RunConfig, mode: str, init: str | None = None, log=print) -> dict:
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
         pdist.cleanup()
+
+
+def claim_run_dir(cfg: RunConfig, init: str | None) -> OutputLock:
+    """Rank 0, before any work: ``out_dir`` must be new, empty or an earlier run (which is resumed),
+    never an input (perturbdiff.outputs); it is marked as a run and locked for this job."""
+    stores = cfg.data.stores or [cfg.data.store]  # data.store is unused when data.stores is given
+    out = check_output(cfg.out_dir, "run", inputs=[*stores, init], replaces=False)
+    lock = OutputLock(out, "training run directory").acquire()
+    if read_marker(out) is None:
+        write_marker(out, "run")
+    return lock
 
 
 def main(mode: str, argv: list[str] | None = None) -> int:
@@ -152,13 +167,14 @@ def main(mode: str, argv: list[str] | None = None) -> int:
                         help="set by the deepspeed launcher (LOCAL_RANK is read from the environment)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
-    try:
+    result: dict = {}
+
+    def job() -> None:
         cfg = resolve_paths(load_config(args.config, args.overrides))
-        summary = run(cfg, mode, getattr(args, "init", None))
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"{mode}: error: {err}", file=sys.stderr)
-        return 2
-    if pdist.get_rank() == 0:
-        print(f"{mode}: {summary['step']} steps in {summary['seconds']:.1f}s, {summary['cells_per_s']:,.0f} cells/s "
-              f"on this rank; outputs in {cfg.out_dir}")
-    return 0
+        result.update(run(cfg, mode, getattr(args, "init", None)), out_dir=cfg.out_dir)
+
+    status = run_main(mode, job)
+    if status == 0 and pdist.get_rank() == 0:
+        print(f"{mode}: {result['step']} steps in {result['seconds']:.1f}s, {result['cells_per_s']:,.0f} cells/s "
+              f"on this rank; outputs in {result['out_dir']}")
+    return status

@@ -40,7 +40,8 @@ from ..diffusion.objective import covariates_from_batch
 from ..diffusion.sampler import sample_sets
 from ..eval.metrics import pearson_delta, set_mmd
 from . import distributed as pdist
-from .checkpoint import commit_directory, latest_step, rotate, step_dir
+from ..outputs import commit_directory
+from .checkpoint import latest_step, rotate, step_dir
 from .engine import Engine
 from .monitor import Monitor, mmdit_train_flops, peak_flops
 from .optim import EMA
@@ -324,7 +325,10 @@ class Trainer:
             extra = {"mode": self.mode, "step": self.step, "ema": self.ema is not None,
                      "datasets": self.vocabularies.get("dataset", []), "set_size": self.cfg.data.set_size,
                      "normalize": dataclasses.asdict(self.cfg.data.normalize),
-                     "diffusion": dataclasses.asdict(self.cfg.diffusion)}
+                     "diffusion": dataclasses.asdict(self.cfg.diffusion),
+                     # numeric covariates the training data had (predict requires them of conditions)
+                     "numeric_in_data": sorted(getattr(self.train_loader, "numeric_names", None)
+                                               or getattr(self.train_loader, "group_numeric", {}))}
             out = save_foundation(path, state, model_cfg=self.engine.module.cfg, genes=self.genes,
                                   vocabularies=self.vocabularies, extra=extra)
             self.log(f"foundation checkpoint: {out} ({len(self.genes)} genes, "
