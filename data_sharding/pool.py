@@ -199,6 +199,10 @@ def _run_pool(fn: Callable[[T], R], tasks: Sequence[T], workers: int, on_result:
                     res = fut.result()
                     completed += 1
                     on_result(res)
+                # The pool notices a dead worker only at its next event if that worker was added
+                # while its thread was already waiting (CPython 3.11 submit() race): look ourselves.
+                if pending and any(p.exitcode is not None for p in _processes(pool)):
+                    raise BrokenProcessPool("a worker process exited while tasks were pending")
             finished = stop.signum is None
         except BrokenProcessPool as err:
             if stop.signum is not None:  # a SIGTERM to the whole process group reached the workers too

@@ -180,6 +180,10 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
 # ---------------------------------------------------------------------------------------------
 
 
+# HDF5 chunks of the streamed X arrays (elements): large, so an append is a few big writes
+DATA_CHUNK, INDPTR_CHUNK = 1 << 20, 1 << 16
+
+
 class _WriteGuard(io.RawIOBase):
     """The file under an h5py.File that survives a failed write (a full disk or quota).
 
@@ -240,23 +244,33 @@ class StreamingH5ad:
         self.guard = _WriteGuard(self.tmp)
         self.file = h5py.File(self.guard, "w")
         self.file.attrs["encoding-type"], self.file.attrs["encoding-version"] = "anndata", "0.1.0"
-        write_elem(self.file, "X", sp.csr_matrix((0, len(genes)), dtype=np.float32))
+        # X in anndata's CSR encoding, grown by hand: sizes are tracked here, nothing is read back
+        x = self.file.create_group("X")
+        x.attrs["encoding-type"], x.attrs["encoding-version"] = "csr_matrix", "0.1.0"
+        self._data = x.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(DATA_CHUNK,))
+        self._indices = x.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(DATA_CHUNK,))
+        self._indptr = x.create_dataset("indptr", data=np.zeros(1, np.int64), maxshape=(None,),
+                                        chunks=(INDPTR_CHUNK,))
+        self.genes, self.nnz = len(genes), 0
         write_elem(self.file, "var", pd.DataFrame(index=pd.Index([str(g) for g in genes], name="gene")))
         self.obs: dict[str, list] = {c: [] for c in OBS_COLUMNS}
         self.n = 0
-        self._x = None
 
-    def append(self, x: np.ndarray, perturbation, context, batch, sample, is_control) -> None:
-        from anndata.io import sparse_dataset
-
-        if self._x is None:
-            self._x = sparse_dataset(self.file["X"])
-        self._x.append(sp.csr_matrix(x, dtype=np.float32))
+    def append(self, x, perturbation, context, batch, sample, is_control) -> None:
+        """Rows ``x`` (dense [k, G] or sparse) and their obs values (scalars or [k] arrays)."""
+        m = sp.csr_matrix(x, dtype=np.float32)
+        if m.shape[1] != self.genes:
+            raise ValueError(f"rows have {m.shape[1]} genes, the file {self.genes}")
+        m.sort_indices()
+        k, nnz = m.shape[0], int(m.nnz)
+        for dset, values, size in ((self._data, m.data, self.nnz + nnz), (self._indices, m.indices, self.nnz + nnz),
+                                   (self._indptr, m.indptr[1:].astype(np.int64) + self.nnz, self.n + k + 1)):
+            dset.resize((size,))
+            dset[size - len(values):] = values
         self._raise_failed()
-        k = x.shape[0]
         for key, value in zip(OBS_COLUMNS, (perturbation, context, batch, sample, is_control)):
             self.obs[key].extend(np.broadcast_to(np.asarray(value), (k,)).tolist())
-        self.n += k
+        self.n, self.nnz = self.n + k, self.nnz + nnz
 
     def close(self, uns: dict | None = None) -> Path:
         from anndata.io import write_elem
@@ -266,6 +280,7 @@ class StreamingH5ad:
             obs[c] = obs[c].astype(str).astype("category")
         obs["sample"] = obs["sample"].astype(np.int64)
         obs["is_control"] = obs["is_control"].astype(bool)
+        self.file["X"].attrs["shape"] = (self.n, self.genes)
         write_elem(self.file, "obs", obs)
         write_elem(self.file, "uns", uns or {})
         for key in ("obsm", "varm", "obsp", "varp", "layers"):

@@ -71,13 +71,17 @@ def test_streaming_writer_round_trips_exactly(tmp_path):
     rng = np.random.default_rng(0)
     w = StreamingH5ad(tmp_path / "x.h5ad", [f"g{i}" for i in range(7)])
     blocks = [np.where(rng.random((n, 7)) < 0.5, 0, rng.random((n, 7))).astype(np.float32) for n in (3, 5, 1)]
+    blocks.insert(1, np.zeros((2, 7), np.float32))  # a block without a nonzero
     for i, b in enumerate(blocks):
-        w.append(b, f"p{i}", "ctx", "b0", i, False)
+        w.append(sp.csr_matrix(b) if i == 2 else b, f"p{i}", "ctx", "b0", i, False)  # dense or sparse rows
     w.close()
     back = ad.read_h5ad(tmp_path / "x.h5ad")
     np.testing.assert_array_equal(back.X.toarray(), np.concatenate(blocks))
-    assert list(back.obs["perturbation"]) == ["p0"] * 3 + ["p1"] * 5 + ["p2"]
-    assert list(back.obs["sample"]) == [0] * 3 + [1] * 5 + [2]
+    assert list(back.obs["perturbation"]) == ["p0"] * 3 + ["p1"] * 2 + ["p2"] * 5 + ["p3"]
+    assert list(back.obs["sample"]) == [0] * 3 + [1] * 2 + [2] * 5 + [3]
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")  # row slices of the file, as the join reads them
+    np.testing.assert_array_equal(backed.X[4:9].toarray(), np.concatenate(blocks)[4:9])
+    backed.file.close()
 
 
 def user_h5ad(tmp_path, foundation, *, drop=0, counts=True, control="control"):
