@@ -50,7 +50,7 @@ def run_k(found, cfg, k: int, args, tmp: Path) -> dict:
             "cells_per_s": round(generated / wall, 1),
             "pearson_delta": float(res.per_condition["pearson_delta"].mean()),
             "mae": float(res.per_condition["mae"].mean()),
-            "energy_distance": float(dist["energy_distance"].mean()),
+            "energy_distance_u": float(dist["energy_distance_u"].mean()),
             "n_conditions": int(len(res.per_condition))}
 
 
@@ -75,7 +75,7 @@ def main() -> None:
             r = rows[-1]
             print(f"K={k:>4}: {r['cells']:,} cells in {r['seconds']:.1f}s = {r['cells_per_s']:,.0f} cells/s; "
                   f"pearson_delta {r['pearson_delta']:.3f}, mae {r['mae']:.4f}, energy distance "
-                  f"{r['energy_distance']:.3f}", flush=True)
+                  f"{r['energy_distance_u']:.3f}", flush=True)
     result = {"run": str(run), "device": args.device, "torch": torch.__version__, "machine": platform.processor()
               or platform.machine(), "threads": torch.get_num_threads(), "n_samples": args.n_samples,
               "sets_per_batch": args.sets_per_batch, "set_size": found.manifest.get("extra", {}).get("set_size"),

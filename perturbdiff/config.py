@@ -245,6 +245,9 @@ class DiffusionConfig:
     respacing: str = "uniform"  # uniform (T-1 .. 0 over K steps) | released (the released code's t = K-1 .. 0)
     guidance: float = 1.0  # w: eps = (1 + w) eps_cond - w eps_uncond
     cutoff: float = 1e-4  # predicted x0 below this is set to 0
+    # predicted x0 above this is set to it (the model's scale); None: the largest value the data's
+    # normalisation can produce, log1p(target_sum) / scale (one gene holding all of a cell's counts)
+    x0_max: Optional[float] = None
 
 
 # ---------------------------------------------------------------------------------------------

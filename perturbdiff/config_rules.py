@@ -276,6 +276,7 @@ RULES: dict[str, Rule] = {
     "diffusion.respacing": Choice(("uniform", "released")),
     "diffusion.guidance": NON_NEGATIVE,  # w = 0: the conditional model alone
     "diffusion.cutoff": NON_NEGATIVE,  # expression is non-negative
+    "diffusion.x0_max": POSITIVE,  # None: from data.normalize (the largest attainable value)
     # train
     "train.max_steps": POSITIVE_INT,
     "train.log_every": POSITIVE_INT,

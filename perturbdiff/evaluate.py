@@ -17,7 +17,8 @@ cells with the same metric suite (``perturbdiff.eval.suite``: cell-eval 0.6.6's 
 plus, per condition, MMD^2 and energy distance between predicted and real cells, and the replicate
 calibration of the K sampled populations (``perturbdiff.eval.distribution``). Outputs (``--out``):
 
-    metrics.csv         one row per (method, context, perturbation): every metric, mmd2, energy_distance
+    metrics.csv         one row per (method, context, perturbation): every metric, mmd2, energy_distance_u
+                        (unbiased) and energy_distance_v (V-statistic, cell-eval's helper)
     aggregated.csv      method, metric, count, mean, median, std, min, max (NaN skipped)
     per_context.csv     the same per (method, context, metric)
     scores.csv          cell-eval's normalised score of each method against perturbation_mean
@@ -41,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from .data.schema import DataError
+from .eval.fidelity import FIDELITY_COLUMNS, LOG1P_MAX, fidelity, scale_problems
 from .outputs import OutputLock, Staging, check_output, out_of_space, require_complete, space_error
 
 #: metrics whose best value is 1 / 0 (cell-eval's registry; r_squared and the counts are not in it,
@@ -50,8 +52,18 @@ BEST_ONE = ("pearson_delta", "discrimination_score_l1", "discrimination_score_l2
             "precision_at_N", "precision_at_50", "precision_at_100", "precision_at_200", "de_spearman_sig",
             "de_direction_match", "de_spearman_lfc_sig", "de_sig_genes_recall", "pr_auc", "roc_auc")
 BEST_ZERO = ("mse", "mae", "mse_delta", "mae_delta")
+FIDELITY = FIDELITY_COLUMNS + ("de_nsig_counts_pred", "de_nsig_counts_real")
+SCORING = {
+    "cell_eval_metrics": "each sampled population scored on its own (as many cells as the real condition "
+                         "for a store split), then the mean over populations; populations.csv has each one, "
+                         "aggregated.csv's population_sd their spread",
+    "fidelity": "per population, like the cell-eval metrics (perturbdiff.eval.fidelity)",
+    "distances": "mmd2, energy_distance_u / _v: the sampled populations pooled (the model's distribution of cells)",
+    "calibration": "the sampled populations against the real replicate batches",
+    "baselines": "one population each, with the real cell counts; the ceiling: real half vs real half",
+}
 HEADLINE = ("pearson_delta", "mae", "mse_delta", "discrimination_score_l1", "overlap_at_N", "de_direction_match",
-            "de_spearman_lfc_sig", "r_squared", "energy_distance", "mmd2")
+            "de_spearman_lfc_sig", "r_squared", "energy_distance_u", "energy_distance_v", "mmd2")
 PROFILES = {
     "full": None,
     # the metrics the PerturbDiff paper's tables report (reference/anchors.md section 2.4)
@@ -164,6 +176,51 @@ def _baseline(name: str, train, conditions: pd.DataFrame, real, opts: EvaluateOp
     raise ValueError(f"unknown method {name!r}; known: {list(METHODS)}")
 
 
+def _populations(pred, control: str):
+    """[(k, AnnData)]: each sampled population k of ``pred`` (obs sample = k) with the control cells,
+    as the prediction to score; one population (k = 0) when there is no sample column."""
+    if "sample" not in pred.obs.columns:
+        return [(0, pred)]
+    sample = pred.obs["sample"].to_numpy().astype(np.int64)
+    is_ctrl = pred.obs["perturbation"].astype(str).to_numpy() == control
+    ks = sorted(set(sample[~is_ctrl & (sample >= 0)].tolist())) or [0]
+    return [(k, pred[(sample == k) | is_ctrl].copy()) for k in ks]
+
+
+def _mean_over_populations(per_pop: pd.DataFrame) -> pd.DataFrame:
+    """One row per condition: the mean of each metric over its populations (NaN skipped), and how many."""
+    keys = ["context", "perturbation"]
+    values = [c for c in per_pop.columns if c not in (*keys, "sample") and pd.api.types.is_numeric_dtype(per_pop[c])]
+    g = per_pop.groupby(keys, sort=True)
+    return g[values].mean().join(g.size().rename("n_populations")).reset_index()
+
+
+def _population_spread(per_pop: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """method, metric, population_sd: the SD of a metric across a condition's populations, averaged
+    over conditions (NaN for one population)."""
+    sd = per_pop.groupby(["method", "context", "perturbation"])[metrics].std(ddof=1).reset_index()
+    long = sd.melt(id_vars=["method", "context", "perturbation"], value_vars=metrics, var_name="metric",
+                   value_name="population_sd")
+    return long.groupby(["method", "metric"], sort=False)["population_sd"].mean().reset_index()
+
+
+def _check_scale(adata, path: str, log) -> list[str]:
+    """NaN / infinite values are refused (naming the file and how many); negative values and values
+    above cell-eval's log1p limit are flagged in the notes and printed (cell-eval refuses the latter)."""
+    found = scale_problems(adata.X)
+    if found["non_finite"]:
+        raise DataError(path, f"{found['non_finite']:,} NaN or infinite value(s) in .X: not scorable")
+    flags = []
+    if found["negative"]:
+        flags.append(f"{path}: {found['negative']:,} negative value(s) in .X (log1p expression is >= 0)")
+    if found["above_log1p_max"]:
+        flags.append(f"{path}: {found['above_log1p_max']:,} value(s) above {LOG1P_MAX:g} (max {found['max']:.2f}), "
+                     "the log1p scale cell-eval accepts: not log1p(normalize_total) data, or a model out of range")
+    for flag in flags:
+        log(f"  warning: {flag}")
+    return flags
+
+
 def normalised_scores(aggregated: pd.DataFrame, baseline: str = SCORE_BASELINE) -> pd.DataFrame:
     """cell-eval's ``score`` of every method's mean metrics against ``baseline``'s (long table:
     method, metric, from_baseline; one ``avg_score`` row per method)."""
@@ -231,6 +288,8 @@ def _evaluate_files(pred, real, out: Path, train, opts: EvaluateOptions, log) ->
     paths = {"pred": str(pred), "real": str(real), "train": str(train) if train else None}
     pred_ad, real_ad = _read(pred, "pred"), _read(real, "real")
     _check_pair(real_ad, pred_ad, paths, opts.control_label)
+    notes: dict[str, list[str]] = {"inputs": _check_scale(pred_ad, paths["pred"], log)
+                                   + _check_scale(real_ad, paths["real"], log)}
     real_ad = _real_only(real_ad)
     train_ad = _read(train, "train") if train else None
     if train_ad is not None:
@@ -238,7 +297,6 @@ def _evaluate_files(pred, real, out: Path, train, opts: EvaluateOptions, log) ->
         if not np.array_equal(gt, real_ad.var_names.astype(str).to_numpy()):
             raise DataError(train, f"var_names differ from {real}: the training cells must be on the same genes")
     conditions = _conditions(real_ad, pred_ad, opts.control_label)
-    notes: dict[str, list[str]] = {}
     per, timings = [], {}
     methods = [m for m in opts.methods if train_ad is not None or m not in NEEDS_TRAIN]
     skipped = [m for m in opts.methods if m not in methods]
@@ -249,6 +307,7 @@ def _evaluate_files(pred, real, out: Path, train, opts: EvaluateOptions, log) ->
         notes.setdefault("all", []).append(f"no normalised score: its baseline {SCORE_BASELINE} was not scored")
     log(f"evaluating {len(conditions)} condition(s) in {conditions['context'].nunique()} context(s): "
         f"{', '.join(methods)}")
+    pops = []
     for method in methods:
         t1 = time.time()
         if method == "model":
@@ -256,26 +315,40 @@ def _evaluate_files(pred, real, out: Path, train, opts: EvaluateOptions, log) ->
         else:
             p, r = _baseline(method, train_ad, conditions, real_ad, opts)
             extra = [n for n in p.uns.get("baseline", {}).get("notes", []) if n != "none"]
-        try:
-            res = evaluate(r, p, control=opts.control_label, metrics=PROFILES[opts.profile], de_fdr=opts.de_fdr)
-        except ValueError as err:
-            raise DataError(paths["pred"] if method == "model" else None, f"{method}: {err}") from None
-        table = res.per_condition.assign(method=method)
-        if opts.distances:
+        # cell-eval's metrics and the fidelity diagnostics: one sampled population at a time, each with
+        # its own cells (as many as the real condition), so no method is scored on K times the cells
+        tables, method_notes = [], list(extra)
+        for k, pk in _populations(p, opts.control_label):
+            try:
+                res = evaluate(r, pk, control=opts.control_label, metrics=PROFILES[opts.profile], de_fdr=opts.de_fdr)
+            except ValueError as err:
+                raise DataError(paths["pred"] if method == "model" else None, f"{method}: {err}") from None
+            tables.append(res.per_condition.merge(fidelity(r, pk, opts.control_label), on=["context", "perturbation"],
+                                                  how="left").assign(sample=k))
+            method_notes += [n for n in res.notes if n not in method_notes]
+        one = pd.concat(tables, ignore_index=True)
+        pops.append(one.assign(method=method))
+        table = _mean_over_populations(one).assign(method=method)
+        if opts.distances:  # the distances pool the K populations: the model's distribution of cells
             d = condition_distances(p, r, conditions[["context", "perturbation"]], cap=opts.cap, seed=opts.seed,
                                     control_label=opts.control_label)
-            table = table.merge(d[["context", "perturbation", "mmd2", "energy_distance"]],
+            table = table.merge(d[["context", "perturbation", "mmd2", "energy_distance_u", "energy_distance_v"]],
                                 on=["context", "perturbation"], how="left")
         per.append(table)
-        notes[method] = extra + list(res.notes)
+        notes[method] = method_notes
         timings[method] = round(time.time() - t1, 2)
         log(f"  {method:<18} pearson_delta {table['pearson_delta'].mean() if 'pearson_delta' in table else np.nan:.3f}"
-            f"  ({timings[method]:.1f}s)")
+            f"  ({len(tables)} population(s), {timings[method]:.1f}s)")
     metrics = pd.concat(per, ignore_index=True)
-    front = ["method", "context", "perturbation", "n_cells_real", "n_cells_pred"]
+    front = ["method", "context", "perturbation", "n_cells_real", "n_cells_pred", "n_populations"]
     metrics = metrics[front + [c for c in metrics.columns if c not in front]]
     names = [c for c in metrics.columns if c not in front]
-    aggregated = _describe_long(metrics, names, ["method"])
+    populations = pd.concat(pops, ignore_index=True)
+    pop_front = ["method", "sample", "context", "perturbation", "n_cells_real", "n_cells_pred"]
+    populations = populations[pop_front + [c for c in populations.columns if c not in pop_front]]
+    aggregated = _describe_long(metrics, names, ["method"]).merge(
+        _population_spread(populations, [n for n in names if n in populations.columns]), on=["method", "metric"],
+        how="left")
     per_context = _describe_long(metrics, names, ["method", "context"])
     scores = normalised_scores(aggregated) if score_baseline else pd.DataFrame(
         columns=["method", "metric", "from_baseline"])
@@ -296,6 +369,9 @@ def _evaluate_files(pred, real, out: Path, train, opts: EvaluateOptions, log) ->
         "score_baseline": score_baseline, "notes": notes, "seconds": timings,
         "n_samples": int(pred_ad.obs["sample"].max()) + 1 if "sample" in pred_ad.obs.columns else 1,
         "reference": "cell-eval 0.6.6 metric definitions (perturbdiff.eval.suite)",
+        "scoring": SCORING,
+        "fidelity": json.loads(aggregated[aggregated["metric"].isin(FIDELITY)].pivot(
+            index="method", columns="metric", values="mean").to_json(orient="index")),
     }
     if calib is not None and len(calib):
         cov = [c for c in calib.columns if c.startswith("coverage_") or c.startswith("nominal_")]
@@ -309,7 +385,8 @@ def _evaluate_files(pred, real, out: Path, train, opts: EvaluateOptions, log) ->
         aggregated.to_csv(tmp / "aggregated.csv", index=False)
         per_context.to_csv(tmp / "per_context.csv", index=False)
         scores.to_csv(tmp / "scores.csv", index=False)
-        files = ["metrics.csv", "aggregated.csv", "per_context.csv", "scores.csv", "summary.json"]
+        populations.to_csv(tmp / "populations.csv", index=False)
+        files = ["metrics.csv", "aggregated.csv", "per_context.csv", "scores.csv", "populations.csv", "summary.json"]
         if calib is not None:
             calib.drop(columns=["pit_hist"]).assign(
                 pit_hist=[json.dumps(list(map(int, h))) if h is not None else "" for h in calib["pit_hist"]]
@@ -335,15 +412,23 @@ def _json_default(o):
     return str(o)
 
 
-def format_table(ev: Evaluation, metrics=HEADLINE) -> str:
-    """The headline metrics, one row per method, as aligned text (for the terminal)."""
+def format_table(ev: Evaluation, metrics=HEADLINE, fidelity_metrics=FIDELITY) -> str:
+    """The headline metrics, one row per method, then the fidelity diagnostics, as aligned text."""
+    avg = {r.method: r.from_baseline for r in ev.scores[ev.scores["metric"] == "avg_score"].itertuples()}
+    lines = _table(ev, metrics, {"score": avg} if avg else {})
+    fid = _table(ev, fidelity_metrics, {})
+    return "\n".join(lines + (["", "cells like measured cells? (means over conditions; real values for reference)"]
+                               + fid if len(fid) > 1 else []))
+
+
+def _table(ev: Evaluation, metrics, extra: dict[str, dict]) -> list[str]:
     cols = [m for m in metrics if m in ev.aggregated["metric"].unique()]
+    if not cols:
+        return []
     mean = ev.aggregated.pivot(index="method", columns="metric", values="mean").reindex(columns=cols)
     mean = mean.reindex([m for m in METHODS if m in mean.index])
-    avg = {r.method: r.from_baseline for r in ev.scores[ev.scores["metric"] == "avg_score"].itertuples()}
-    head = f"{'method':<18}" + "".join(f"{c[:14]:>15}" for c in cols) + (f"{'score':>8}" if avg else "")
-    lines = [head]
+    lines = [f"{'method':<18}" + "".join(f"{c[:14]:>15}" for c in cols) + "".join(f"{k:>8}" for k in extra)]
     for method, row in mean.iterrows():
         lines.append(f"{method:<18}" + "".join(f"{v:>15.4f}" for v in row.to_numpy())
-                     + (f"{avg.get(method, float('nan')):>8.3f}" if avg else ""))
-    return "\n".join(lines)
+                     + "".join(f"{e.get(method, float('nan')):>8.3f}" for e in extra.values()))
+    return lines

@@ -310,6 +310,17 @@ class StreamingH5ad:
 # ---------------------------------------------------------------------------------------------
 
 
+def attainable_max(diffusion_cfg, normalize: NormalizeConfig) -> float | None:
+    """The largest value (model scale) a generated cell may hold: ``diffusion.x0_max`` when set, else
+    what the normalisation can produce at most, log1p(target_sum) / scale (one gene holding every
+    count of its cell; 9.21 in log1p units for target_sum 1e4). None without log1p (no bound)."""
+    if diffusion_cfg.x0_max is not None:
+        return float(diffusion_cfg.x0_max)
+    if not normalize.log1p:
+        return None
+    return float(np.log1p(normalize.target_sum) / normalize.scale)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -351,6 +362,7 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
     if not 1 <= steps <= diffusion.cfg.steps:
         raise DataError(None, f"--sample-steps {steps}: must be in 1 .. {diffusion.cfg.steps} (the checkpoint's "
                         "diffusion.steps)")
+    x0_max = attainable_max(diffusion.cfg, normalize)
     model = found.build(device=device).eval()
     marginal = diffusion.cfg.p_drop_control >= 1.0
     notes = list(pool.notes)
@@ -383,7 +395,8 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
             out = sample_sets(model, diffusion, ctrl=torch.from_numpy(ctrl).to(device),
                               ctrl_mask=torch.from_numpy(ctrl_mask).to(device),
                               cov={k: v[idx].to(device) for k, v in cov.items()}, num_cells=m, num_samples=1,
-                              guidance=opts.guidance, sample_steps=opts.sample_steps, noise=noise)[:, 0]
+                              guidance=opts.guidance, sample_steps=opts.sample_steps, x0_max=x0_max,
+                              noise=noise)[:, 0]
             out = out.float().cpu().numpy() * normalize.scale
             for j, (i, s, _, n) in enumerate(chunk):
                 row = conditions.iloc[i]

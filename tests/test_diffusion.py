@@ -150,6 +150,14 @@ def test_guidance_batches_cond_and_uncond_and_keeps_the_control_set():
     clipped = sample_sets(Recorder(2, const=0.2, uncond=0.9), diff, ctrl=ctrl, ctrl_mask=cmask, cov={},
                           num_cells=2, guidance=1.0)
     assert (clipped == 0).all()
+    # above x0_max is clipped to it, at every step (the guided x0 here would be 2 * 0.8 - 0.3 = 1.3)
+    model = Recorder(2, const=0.8, uncond=0.3)
+    bounded = sample_sets(model, diff, ctrl=ctrl, ctrl_mask=cmask, cov={}, num_cells=2, guidance=1.0, x0_max=0.5)
+    torch.testing.assert_close(bounded, torch.full_like(bounded, 0.5))
+    assert all(c["self_cond"].max() <= 0.5 for c in model.calls)
+    cfg_bound = sample_sets(Recorder(2, const=0.8), SetDiffusion(DiffusionConfig(sample_steps=3, x0_max=0.25)),
+                            ctrl=ctrl, ctrl_mask=cmask, cov={}, num_cells=2, guidance=0.0)
+    torch.testing.assert_close(cfg_bound, torch.full_like(cfg_bound, 0.25))
 
 
 def test_released_respacing_is_available():

@@ -201,7 +201,7 @@ def test_ceiling_halves_partition_the_cells():
     assert (half.obs["sample"] == -1).all()
     real.obs["sample"] = -1
     dist = D.condition_distances(pred, real)  # the outputs feed the distribution metrics as they are
-    assert list(dist["perturbation"]) == ["pa", "pb"] and (dist["energy_distance"] > 0).all()
+    assert list(dist["perturbation"]) == ["pa", "pb"] and (dist["energy_distance_v"] > 0).all()
     # a chosen condition only
     pred, half = predict_ceiling(real, [("c0", "pb")], rng=0)
     assert set(pred.obs.loc[~pred.obs["is_control"], "perturbation"]) == {"pb"}
@@ -265,7 +265,11 @@ def test_energy_distance_matches_cdist_and_mmd_matches_op():
                        dtype=np.float64)
         y = np.asarray(real.X[(real.obs["perturbation"] == r["perturbation"]).to_numpy()], dtype=np.float64)
         brute = 2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean()
-        assert r["energy_distance"] == pytest.approx(brute, rel=1e-10, abs=1e-12)
+        assert r["energy_distance_v"] == pytest.approx(brute, rel=1e-10, abs=1e-12)
+        n, m = len(x), len(y)  # unbiased: the within-set means over distinct pairs only
+        brute_u = 2 * cdist(x, y).mean() - cdist(x, x).sum() / (n * (n - 1)) - cdist(y, y).sum() / (m * (m - 1))
+        assert r["energy_distance_u"] == pytest.approx(brute_u, rel=1e-10, abs=1e-12)
+        assert r["energy_distance_u"] < r["energy_distance_v"]
         s = 1.0 / math.sqrt(x.shape[1])
         op = mmd2(torch.tensor(x * s, dtype=torch.float32)[None], torch.tensor(y * s, dtype=torch.float32)[None],
                   kernel="energy", impl="torch")
@@ -275,8 +279,8 @@ def test_energy_distance_matches_cdist_and_mmd_matches_op():
     # blocked accumulation equals one block
     x, y = rng.normal(size=(37, 5)), rng.normal(size=(23, 5))
     xt, yt = torch.tensor(x), torch.tensor(y)
-    assert D._mean_dist(xt, yt, False, block=50) == pytest.approx(cdist(x, y).mean(), rel=1e-12)
-    assert D._mean_dist(xt, xt, True, block=50) == pytest.approx(cdist(x, x).mean(), rel=1e-12)
+    assert D._sum_dist(xt, yt, False, block=50) == pytest.approx(cdist(x, y).sum(), rel=1e-12)
+    assert D._sum_dist(xt, xt, True, block=50) == pytest.approx(cdist(x, x).sum(), rel=1e-12)
 
 
 def test_distances_cap_is_seeded_per_condition_and_per_sample():
@@ -285,8 +289,9 @@ def test_distances_cap_is_seeded_per_condition_and_per_sample():
     a = D.condition_distances(pred, real, cap=20, seed=3)
     assert list(a["n_pred_used"]) == [20, 20] and list(a["n_real_used"]) == [20, 8]
     alone = D.condition_distances(pred, real, [("c0", "p0")], cap=20, seed=3)
-    assert alone["energy_distance"].iloc[0] == a["energy_distance"].iloc[0]  # independent of the others
-    assert D.condition_distances(pred, real, cap=20, seed=4)["energy_distance"].iloc[0] != a["energy_distance"].iloc[0]
+    assert alone["energy_distance_u"].iloc[0] == a["energy_distance_u"].iloc[0]  # independent of the others
+    assert D.condition_distances(pred, real, cap=20, seed=4)["energy_distance_u"].iloc[0] != \
+        a["energy_distance_u"].iloc[0]
     per = D.condition_distances(pred, real, cap=None, per_sample=True)
     assert list(zip(per["perturbation"], per["sample"])) == [("p0", 0), ("p0", 1), ("p1", 0), ("p1", 1)]
     assert list(per["n_pred"]) == [40, 40, 12, 12]
@@ -351,3 +356,19 @@ def test_calibration_nan_with_reason_and_interval_index():
     del no_batch.obs["batch"]
     with pytest.raises(DataError, match="batch"):
         D.replicate_calibration(pred, no_batch)
+
+
+def test_the_unbiased_energy_distance_is_near_zero_for_one_distribution():
+    """Two samples of one distribution: the U-statistic is 0 in expectation, the V-statistic is not
+    (its self-pairs add about E|X-X'| (1/n + 1/m)), which matters on small sets."""
+    rng = np.random.default_rng(5)
+    us, vs, within = [], [], []
+    for _ in range(40):
+        x, y = rng.normal(size=(15, 8)), rng.normal(size=(15, 8))
+        u, v = D.energy_distances(x, y)
+        us.append(u)
+        vs.append(v)
+        within.append(cdist(x, x).sum() / (15 * 14))
+    assert abs(np.mean(us)) < 3 * np.std(us) / np.sqrt(len(us))
+    assert np.mean(vs) == pytest.approx(np.mean(us) + 2 * np.mean(within) / 15, rel=0.05)
+    assert np.isnan(D.energy_distances(x[:1], y)[0]) and D.energy_distance(x, y) == pytest.approx(vs[-1])

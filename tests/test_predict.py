@@ -159,3 +159,19 @@ def test_a_population_does_not_depend_on_its_batch(store, tmp_path):
     np.testing.assert_allclose(a.X.toarray(), b.X.toarray(), rtol=1e-3, atol=2e-3)
     gen = a[~a.obs["is_control"].values].X.toarray()
     assert gen.std() > 0.05 and not np.allclose(gen[0], gen[1])
+
+
+def test_predicted_values_stay_within_what_the_data_can_hold(store, tmp_path):
+    """A model far from trained (large random weights) still writes no value above log1p(target_sum),
+    what one gene holding every count of its cell gives: the bound is in the sampler."""
+    from helpers import random_foundation
+    from perturbdiff.predict import attainable_max
+
+    found = load_foundation(random_foundation(store, tmp_path / "found", SPLIT, noise=3.0))
+    pred, _ = predict_split(found, str(store), SPLIT, "test", tmp_path / "p", dataclasses.replace(OPTS, train_cells=0),
+                            log=lambda *a: None)
+    x = ad.read_h5ad(pred).X
+    bound = np.log1p(NormalizeConfig().target_sum)
+    assert attainable_max(DiffusionConfig(), NormalizeConfig()) * NormalizeConfig().scale == pytest.approx(bound)
+    assert x.max() <= bound + 1e-4 and x.min() >= 0
+    assert attainable_max(DiffusionConfig(x0_max=0.3), NormalizeConfig()) == 0.3

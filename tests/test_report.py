@@ -167,6 +167,18 @@ def test_best_methods_rules():
     assert best == {"mae": {"linear"}, "pearson_delta": {"model", "linear"}}  # ceiling never, ties both
 
 
+def test_fidelity_table_reads_each_method_against_the_real_cells(report):
+    tables = [t for t in parse(report).tables if t and t[0] and t[0][0][0] == "method"
+              and any(c[0] == "exact zeros" for c in t[0])]
+    assert len(tables) == 1
+    table = tables[0]
+    rows = {row[0][0]: row[1:] for row in table[1:]}
+    assert "model" in rows and "real cells" in rows
+    assert all(cell[1] != "best" for row in rows.values() for cell in row)  # read against the real row, not ranked
+    head = [c[0] for c in table[0]]
+    assert rows["real cells"][head.index("nonzero values below one count") - 1][0] == "0"
+
+
 def test_default_conditions_are_the_largest_real_effects(report):
     text = report.read_text()
     section = text.split("Conditions in the cell-level plots:")[1].split("</p>")[0]

@@ -7,12 +7,15 @@ order. A condition is (context, perturbation); control cells are never a conditi
 
 1. ``condition_distances``: per condition, between the predicted and the real cells,
 
-   - ``energy_distance`` = 2 E|X - Y| - E|X - X'| - E|Y - Y'| with Euclidean |.|, the V-statistic
+   - ``energy_distance_v`` = 2 E|X - Y| - E|X - X'| - E|Y - Y'| with Euclidean |.|, the V-statistic
      (every pair, the zero self-pairs included), in float64 on the expression as given. This is the
      statistic cell-eval's ``pearson_edistance`` computes per perturbation (there against controls).
+     It is biased upward by about E|X - X'| / n + E|Y - Y'| / m, a lot on small sets.
+   - ``energy_distance_u``: the same with the within-set means over distinct pairs only, the
+     unbiased U-statistic (0 in expectation for two samples of one distribution).
    - ``mmd2`` = MMD^2 (V-statistic) through the training op ``perturbdiff.ops.kme.mmd2`` (energy
      kernel by default) on cells scaled by 1 / sqrt(genes), the training loss's scale. For the energy
-     kernel k(x, y) = -|x - y| this is ``energy_distance / sqrt(genes)`` (up to float32 rounding).
+     kernel k(x, y) = -|x - y| this is ``energy_distance_v / sqrt(genes)`` (up to float32 rounding).
 
    Cells beyond ``cap`` per side are subsampled without replacement, seeded by (seed, context,
    perturbation[, sample]) so a condition's value does not depend on which other conditions are
@@ -70,8 +73,8 @@ from .baselines import KEY, as_conditions, dense_rows, group_rows, obs_str, requ
 # ---------------------------------------------------------------------------------------------
 
 
-def _mean_dist(a: torch.Tensor, b: torch.Tensor, self_pair: bool, block: int = 1 << 22) -> float:
-    """Mean Euclidean distance over all (i, j) pairs of rows of a and b (float64, row blocks)."""
+def _sum_dist(a: torch.Tensor, b: torch.Tensor, self_pair: bool, block: int = 1 << 22) -> float:
+    """Sum of Euclidean distances over all (i, j) pairs of rows of a and b (float64, row blocks)."""
     total = 0.0
     bn = (b * b).sum(1)
     step = max(1, block // max(1, b.shape[0]))
@@ -82,18 +85,31 @@ def _mean_dist(a: torch.Tensor, b: torch.Tensor, self_pair: bool, block: int = 1
             idx = torch.arange(blk.shape[0], device=a.device)
             d2[idx, idx + s] = 0.0
         total += d2.clamp_min_(0.0).sqrt_().sum().item()
-    return total / (a.shape[0] * b.shape[0])
+    return total
 
 
-def energy_distance(x, y, device: str | torch.device = "cpu") -> float:
-    """2 E|X-Y| - E|X-X'| - E|Y-Y'| (Euclidean, V-statistic, float64) between rows of x [n, G] and y [m, G]."""
+def energy_distances(x, y, device: str | torch.device = "cpu") -> tuple[float, float]:
+    """(U, V) energy distances 2 E|X-Y| - E|X-X'| - E|Y-Y'| (Euclidean, float64) between the rows of
+    x [n, G] and y [m, G]. They share the pair sums and differ in the within-set means: the
+    V-statistic (cell-eval's helper) averages over all n^2 pairs, the zero self-pairs included, which
+    biases it upward by about (E|X-X'| / n + E|Y-Y'| / m); the U-statistic averages over the n(n - 1)
+    distinct pairs and is unbiased (it can be slightly negative). U is NaN for a set of one cell."""
     xt = torch.as_tensor(np.asarray(x), dtype=torch.float64, device=device)
     yt = torch.as_tensor(np.asarray(y), dtype=torch.float64, device=device)
     if xt.ndim != 2 or yt.ndim != 2 or xt.shape[1] != yt.shape[1]:
         raise ValueError(f"energy_distance needs [n, G] and [m, G] arrays, got {tuple(xt.shape)} and {tuple(yt.shape)}")
-    if xt.shape[0] == 0 or yt.shape[0] == 0:
-        return float("nan")
-    return 2.0 * _mean_dist(xt, yt, False) - _mean_dist(xt, xt, True) - _mean_dist(yt, yt, True)
+    n, m = xt.shape[0], yt.shape[0]
+    if n == 0 or m == 0:
+        return float("nan"), float("nan")
+    sxy, sxx, syy = _sum_dist(xt, yt, False), _sum_dist(xt, xt, True), _sum_dist(yt, yt, True)
+    v = 2.0 * sxy / (n * m) - sxx / (n * n) - syy / (m * m)
+    u = 2.0 * sxy / (n * m) - sxx / (n * (n - 1)) - syy / (m * (m - 1)) if n > 1 and m > 1 else float("nan")
+    return u, v
+
+
+def energy_distance(x, y, device: str | torch.device = "cpu") -> float:
+    """The V-statistic of ``energy_distances`` (cell-eval's helper's statistic)."""
+    return energy_distances(x, y, device)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +173,7 @@ def condition_distances(pred: ad.AnnData, real: ad.AnnData, conditions=None, *, 
     and the float64 energy distance between predicted and real cells (see the module docstring).
 
     Columns: context, perturbation, [sample], n_pred, n_real (cells available), n_pred_used,
-    n_real_used (after ``cap``), mmd2, energy_distance. ``conditions`` defaults to every predicted
+    n_real_used (after ``cap``), mmd2, energy_distance_u (unbiased), energy_distance_v (V-statistic). ``conditions`` defaults to every predicted
     condition; a condition missing from either side is an error naming it."""
     conds, pg, rg = _pred_real_groups(pred, real, conditions, control_label, ("sample",) if per_sample else ())
     genes = pred.n_vars
@@ -180,11 +196,12 @@ def condition_distances(pred: ad.AnnData, real: ad.AnnData, conditions=None, *, 
             row = {"context": c, "perturbation": p}
             if per_sample:
                 row["sample"] = s
+            u, v = energy_distances(x, y, device)
             row.update(n_pred=len(p_rows), n_real=len(r_rows), n_pred_used=len(pu), n_real_used=len(ru),
-                       mmd2=m, energy_distance=energy_distance(x, y, device))
+                       mmd2=m, energy_distance_u=u, energy_distance_v=v)
             out.append(row)
     cols = ["context", "perturbation", *(["sample"] if per_sample else []), "n_pred", "n_real", "n_pred_used",
-            "n_real_used", "mmd2", "energy_distance"]
+            "n_real_used", "mmd2", "energy_distance_u", "energy_distance_v"]
     return pd.DataFrame(out, columns=cols)
 
 

@@ -306,6 +306,34 @@ def _method_table(mean: pd.DataFrame, tips: pd.DataFrame | None = None, by_metri
     return f"<div class='scroll'><table><tr>{head}</tr>\n" + "\n".join(rows) + "</table></div>"
 
 
+# (column, what it is, the real value it is read against: a column, a number, or None)
+_FIDELITY_SHOWN = (("zero_frac_pred", "exact zeros", "zero_frac_real"),
+                   ("subcount_frac_pred", "nonzero values below one count", 0.0),
+                   ("sd_ratio", "per-gene SD / real (median)", 1.0),
+                   ("delta_norm_ratio", "|mean change| / real", 1.0),
+                   ("max_pred", "largest value", "max_real"),
+                   ("de_nsig_counts_pred", "DE genes", "de_nsig_counts_real"))
+
+
+def _fidelity_table(ev: EvalDir) -> str:
+    """The fidelity diagnostics (perturbdiff.eval.fidelity), means over conditions, with the real
+    cells' value in the last row: no method is marked best, each is read against the real row."""
+    mean = ev.aggregated.pivot(index="method", columns="metric", values="mean").reindex(index=ev.methods())
+    shown = [row for row in _FIDELITY_SHOWN if row[0] in mean.columns]
+    if not shown or "model" not in mean.index:
+        return ""
+    head = "<th>method</th>" + "".join(f"<th title='{_esc(c)}'>{_esc(what)}</th>" for c, what, _ in shown)
+    rows = [f"<tr{' class=ceiling' if m == 'ceiling' else ''}><td>{_esc(m)}</td>"
+            + "".join(f"<td>{format_value(mean.at[m, c])}</td>" for c, _, _ in shown) + "</tr>" for m in mean.index]
+    real = [mean.at["model", ref] if isinstance(ref, str) and ref in mean.columns else ref for _, _, ref in shown]
+    rows.append("<tr class='real'><td><b>real cells</b></td>" + "".join(f"<td><b>{format_value(v)}</b></td>"
+                                                                      for v in real) + "</tr>")
+    return ("<p class='note'>Means over the conditions, each sampled population scored on its own. Real expression "
+            "is counts: a measured value is 0 or at least one count's worth; the real row gives what to read each "
+            "column against.</p>" + f"<div class='scroll'><table><tr>{head}</tr>\n" + "\n".join(rows)
+            + "</table></div>")
+
+
 def _metric_tables(ev: EvalDir) -> str:
     agg = ev.aggregated
     methods = ev.methods()
@@ -459,6 +487,9 @@ def _build(ev: EvalDir, runs: list[_Run], requested, page: _Page, log, t0: float
     page.add(f"<h1>PerturbDiff evaluation report</h1><p class='note'>{_esc(ev.path.name)} \u00b7 generated "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>" + _header(ev, shown, note))
     page.add("<h2>Metrics against the baselines</h2>" + _metric_tables(ev))
+    fidelity = _fidelity_table(ev)
+    if fidelity:
+        page.add("<h2>Cells like measured cells?</h2>" + fidelity)
     names = [m for m in HEADLINE if m in ev.metrics.columns and ev.metrics[m].notna().any()]
     if names:
         page.figure(_plot_metrics(ev.metrics, ev.methods(), names), "metrics",

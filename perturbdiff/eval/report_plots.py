@@ -21,13 +21,16 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .fidelity import FIDELITY_COLUMNS
+
 if TYPE_CHECKING:  # annotations only: report.py imports this module
     from .report import _Cells, _Run
 
 #: best value is the smallest; every other ranked metric is better when larger
-LOWER_IS_BETTER = frozenset({"mse", "mae", "mse_delta", "mae_delta", "energy_distance", "mmd2"})
+LOWER_IS_BETTER = frozenset({"mse", "mae", "mse_delta", "mae_delta", "energy_distance_u", "energy_distance_v", "mmd2"})
 #: reported but not ranked (counts of DE genes, not a quality)
-NOT_RANKED = frozenset({"de_nsig_counts_real", "de_nsig_counts_pred"})
+# read against the real cells, not ranked (the fidelity table shows the real values beside them)
+NOT_RANKED = frozenset({"de_nsig_counts_real", "de_nsig_counts_pred", *FIDELITY_COLUMNS})
 MAX_CELLS = 2_000  # cells per plotted group (and per perturbation in the PCA fit)
 MAX_FIT_CELLS = 12_000  # cells in one context's PCA fit
 MAX_PCA_GENES = 2_000  # most variable genes kept for the PCA

@@ -1,0 +1,88 @@
+"""Do predicted cells look like measured cells? Per-condition shape diagnostics, and input checks.
+
+Real expression is counts: after normalize_total + log1p a measured value is either 0 or at least
+what one count gives that cell, and it cannot exceed what one gene holding all of the cell's counts
+gives. A generated population can match the mean change and still be implausible cell by cell (a
+shift added to control cells moves every zero; a collapsed model has no spread), and such cells
+break the DE metrics (Wilcoxon then calls most genes DE). ``fidelity`` reports, per (context,
+perturbation), on the evaluation layout (``perturbdiff.eval.baselines``):
+
+    zero_frac_pred / zero_frac_real   fraction of exact zeros among the condition's cells
+    subcount_frac_pred                fraction of the predicted NONZERO values below the smallest value
+                                      one count produces in any real cell of the context (the real
+                                      cells' smallest nonzero value: their largest library): values no
+                                      measured cell can hold
+    sd_ratio                          median over genes (real SD > 0) of SD_pred / SD_real (ddof 1):
+                                      < 1 collapsed populations, > 1 too noisy
+    delta_norm_ratio                  |mean_pred - mean_ctrl| / |mean_real - mean_ctrl| (Euclidean, the
+                                      context's control cells of each file): the size of the response
+    max_pred / max_real               the largest value
+
+``scale_problems`` counts the values cell-eval would refuse or that no log1p data holds: NaN or
+infinite, negative, and above ``LOG1P_MAX`` (15, cell-eval 0.6.6's log1p threshold).
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .baselines import dense_rows, group_rows, obs_str
+
+LOG1P_MAX = 15.0  # cell-eval refuses .X whose maximum exceeds this ("Invalid scale ... log1p threshold")
+FIDELITY_COLUMNS = ("zero_frac_pred", "zero_frac_real", "subcount_frac_pred", "sd_ratio", "delta_norm_ratio",
+                    "max_pred", "max_real")
+
+
+def _min_nonzero(x: np.ndarray) -> float:
+    nz = x[x > 0]
+    return float(nz.min()) if nz.size else np.inf
+
+
+def fidelity(real: ad.AnnData, pred: ad.AnnData, control: str = "control") -> pd.DataFrame:
+    """One row per (context, perturbation) of ``pred`` that ``real`` has: the columns of the module
+    docstring. ``pred`` is ONE population per condition (score populations one at a time); the
+    control cells of each file are those labelled ``control``."""
+    is_ctrl_p = obs_str(pred, "perturbation") == control
+    is_ctrl_r = obs_str(real, "perturbation") == control
+    pg, rg = group_rows(pred, ~is_ctrl_p), group_rows(real, ~is_ctrl_r)
+    pc, rc = group_rows(pred, is_ctrl_p, keys=("context",)), group_rows(real, is_ctrl_r, keys=("context",))
+    floor: dict[str, float] = {}
+    rows = []
+    for (c, p) in sorted(k for k in pg if k in rg):
+        xp, xr = dense_rows(pred.X, pg[(c, p)]), dense_rows(real.X, rg[(c, p)])
+        ctrl_r = dense_rows(real.X, rc[(c,)]) if (c,) in rc else np.zeros((0, real.n_vars))
+        ctrl_p = dense_rows(pred.X, pc[(c,)]) if (c,) in pc else ctrl_r
+        if c not in floor:  # the smallest nonzero of the context's real cells: one count in the largest library
+            floor[c] = min(_min_nonzero(ctrl_r), *(_min_nonzero(dense_rows(real.X, rg[k])) for k in rg if k[0] == c))
+        nz = xp[xp > 0]
+        sd_r, sd_p = (xr.std(0, ddof=1) if len(xr) > 1 else np.full(xr.shape[1], np.nan),
+                      xp.std(0, ddof=1) if len(xp) > 1 else np.full(xp.shape[1], np.nan))
+        varying = sd_r > 0
+        d_real = xr.mean(0) - ctrl_r.mean(0) if len(ctrl_r) else np.full(xr.shape[1], np.nan)
+        d_pred = xp.mean(0) - ctrl_p.mean(0) if len(ctrl_p) else np.full(xp.shape[1], np.nan)
+        norm_real = float(np.linalg.norm(d_real))
+        rows.append({
+            "context": c, "perturbation": p,
+            "zero_frac_pred": float((xp == 0).mean()) if xp.size else np.nan,
+            "zero_frac_real": float((xr == 0).mean()) if xr.size else np.nan,
+            # a relative tolerance: float32 storage of the same value must not count
+            "subcount_frac_pred": float((nz < floor[c] * (1 - 1e-5)).mean()) if nz.size and np.isfinite(floor[c])
+            else np.nan,
+            "sd_ratio": float(np.median(sd_p[varying] / sd_r[varying])) if varying.any() else np.nan,
+            "delta_norm_ratio": float(np.linalg.norm(d_pred)) / norm_real if norm_real > 0 else np.nan,
+            "max_pred": float(xp.max()) if xp.size else np.nan,
+            "max_real": float(xr.max()) if xr.size else np.nan,
+        })
+    return pd.DataFrame(rows, columns=["context", "perturbation", *FIDELITY_COLUMNS])
+
+
+def scale_problems(x) -> dict[str, int | float]:
+    """Counts of NaN/infinite, negative and above-LOG1P_MAX values of a matrix, and its maximum."""
+    values = x.data if sp.issparse(x) else np.asarray(x).ravel()
+    finite = np.isfinite(values)
+    good = values[finite]
+    return {"non_finite": int((~finite).sum()), "negative": int((good < 0).sum()),
+            "above_log1p_max": int((good > LOG1P_MAX).sum()), "max": float(good.max()) if good.size else 0.0}
