@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -158,10 +159,35 @@ def test_wilcoxon_negative_values_explicit_zeros_float32_and_float64():
                 assert np.any(rf_in.data == 0)
             else:
                 rf_in, gs_in = rf, gs
-            res = wilcoxon_ranksum(gs_in, rf_in, max_elems=100)
+            res = wilcoxon_ranksum(gs_in, rf_in, max_elems=100, precision=np.float64)
             np.testing.assert_allclose(res.statistic, u_ref, rtol=0, atol=1e-9, err_msg=f"{dtype} sparse={sparse}")
             np.testing.assert_allclose(res.pvalue, p_ref, rtol=1e-10, atol=1e-15, err_msg=f"{dtype} sparse={sparse}")
+            # by default the tail is rounded to the data's dtype, as scipy computes it
+            dflt = wilcoxon_ranksum(gs_in, rf_in, max_elems=100)
+            tol = 5e-7 if dtype == np.float32 else 0.0  # ndtr in float32: a few ulp
+            np.testing.assert_allclose(dflt.pvalue, res.pvalue, rtol=tol, atol=0, err_msg=f"{dtype} sparse={sparse}")
+            if dtype == np.float32:
+                assert np.array_equal(dflt.pvalue, dflt.pvalue.astype(np.float32).astype(np.float64))
         assert np.all(res.pvalue[:, 0] == 1.0)
+
+
+def test_float32_p_value_tails_underflow_as_scipy():
+    """Strong effects in large float32 groups: scipy's p-value is exactly 0 where float64 gives ~1e-60;
+    the default precision follows the data's dtype and reproduces that zero set exactly."""
+    r = np.random.default_rng(5)
+    ref = np.round(r.gamma(1.0, 1.0, (1500, 6)), 1).astype(np.float32)
+    grp = (np.round(r.gamma(1.0, 1.0, (1500, 6)), 1) + np.array([0, 0.1, 0.3, 0.5, 0.8, 2.0])).astype(np.float32)
+    ours32 = wilcoxon_ranksum([grp], ref).pvalue[0]
+    ours64 = wilcoxon_ranksum([grp], ref, precision=np.float64).pvalue[0]
+    sc32 = np.array([mannwhitneyu(grp[:, j], ref[:, j]).pvalue for j in range(6)], dtype=np.float64)
+    sc64 = np.array([mannwhitneyu(grp[:, j].astype(float), ref[:, j].astype(float)).pvalue for j in range(6)])
+    assert (sc32 == 0).sum() > (sc64 == 0).sum()
+    np.testing.assert_array_equal(ours32 == 0, sc32 == 0)
+    np.testing.assert_allclose(ours32, sc32, rtol=5e-5, atol=0)
+    np.testing.assert_array_equal(ours64 == 0, sc64 == 0)
+    np.testing.assert_allclose(ours64, sc64, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="precision"):
+        wilcoxon_ranksum([grp], ref, precision=np.int32)
 
 
 def test_wilcoxon_auto_uses_exact_for_small_tie_free_groups():
@@ -460,3 +486,77 @@ def test_parity_with_cell_eval_0_6_6(tmp_path, sparse, dtype):
     # every metric shared with cell-eval is either checked above or listed with its reason
     assert {"pearson_delta", "overlap_at_N", "precision_at_N", "discrimination_score_l1", "pearson_edistance",
             "de_spearman_sig", "roc_auc", "pr_auc"} <= checked
+
+
+DEVEL_H5AD = (Path(__file__).resolve().parents[1].parent / "shared" / "data"
+              / "perturbench_devel_norman19_mcfaline23.h5ad")
+
+
+def _ties_in_gene_order(table: pd.DataFrame, target: str, k: int | None, de_fdr: float = 0.05) -> list[str]:
+    """Significant genes of ``target`` by |log2 FC| descending, exact ties in gene (table) order."""
+    t = table[(table["target"].astype(str) == target) & (table["fdr"] < de_fdr)]
+    genes = t.sort_values("abs_log2_fold_change", ascending=False, kind="stable")["feature"].astype(str).tolist()
+    return genes if k is None else genes[:k]
+
+
+@pytest.mark.skipif(not DEVEL_H5AD.is_file(), reason=f"../shared is absent: {DEVEL_H5AD} not found")
+def test_parity_with_cell_eval_on_real_data_with_zeros_ties_and_p_at_zero(tmp_path):
+    """Real K562 cells (83% zeros, many tied values), every cell repeated 12 times so that strong effects
+    give float32 p-values of exactly 0 (the case that moved roc_auc / pr_auc by up to 0.05 before
+    the p-value tails were rounded as scipy rounds them), and a prediction with sub-count noise."""
+    pytest.importorskip("cell_eval")
+    a = ad.read_h5ad(DEVEL_H5AD)
+    a = a[a.obs["cell_type"] == "k562"]
+    keep = a.obs["condition"].astype(str).isin(["control", "KLF1", "SLC38A2", "IER5L", "CEBPE+RUNX1T1", "MIDN"])
+    a = a[keep.to_numpy()]
+    reps = 12
+    X = np.tile(a.X.toarray().astype(np.float32), (reps, 1))
+    pert = np.tile(a.obs["condition"].astype(str).to_numpy(), reps)
+    obs = pd.DataFrame({"perturbation": pert, "context": "k562"}, index=[f"c{i}" for i in range(len(pert))])
+    var = pd.DataFrame(index=a.var_names.astype(str))
+    rng = np.random.default_rng(0)
+    noisy = rng.random(X.shape) < 0.15
+    P = np.where(noisy & (pert != "control")[:, None], X + np.float32(0.05), X)
+    real = ad.AnnData(sp.csr_matrix(X), obs=obs.copy(), var=var.copy())
+    pred = ad.AnnData(sp.csr_matrix(P), obs=obs.copy(), var=var.copy())
+    ours = evaluate(real, pred, return_de=True)
+    mine = ours.per_condition.set_index("perturbation")
+    ce, ev = _cell_eval_results(real, pred, tmp_path / "ce")
+    tables = {}
+    for which, table in (("real", ours.de_real), ("pred", ours.de_pred)):
+        theirs = getattr(ev.de_comparison, which).data.to_pandas().astype({"target": str, "feature": str})
+        tables[which] = theirs
+        m = theirs.merge(table, on=["target", "feature"], suffixes=("_ce", ""))
+        assert len(m) == len(theirs) == len(table)
+        p_ce, p = m["p_value_ce"].to_numpy(np.float32), m["p_value"].to_numpy().astype(np.float32)
+        assert (p_ce == 0).sum() > (50 if which == "pred" else 0), "the input must produce p-values of exactly 0"
+        np.testing.assert_array_equal(p_ce == 0, p == 0, err_msg=f"{which}: p-values at 0")
+        # z is exact here and float32 in scipy: relative 1e-5 at most, never across 0
+        np.testing.assert_allclose(p, p_ce, rtol=5e-5, atol=1e-44, err_msg=f"{which} p_value")  # subnormals: few bits
+        f_ce, f = m["fdr_ce"].to_numpy(np.float32), m["fdr"].to_numpy().astype(np.float32)
+        np.testing.assert_array_equal(f_ce == 0, f == 0, err_msg=f"{which}: FDR at 0")
+        np.testing.assert_allclose(f, f_ce, rtol=5e-5, atol=1e-44, err_msg=f"{which} fdr")
+        np.testing.assert_array_equal((f_ce < 0.05), (f < 0.05), err_msg=f"{which}: significance")
+        for c in ("fold_change", "log2_fold_change"):  # float32 means, as pdex takes them: identical
+            np.testing.assert_array_equal(m[c + "_ce"].to_numpy(np.float32), m[c].to_numpy().astype(np.float32),
+                                          err_msg=f"{which} {c}")
+    ranked = {"overlap_at_N", "overlap_at_50", "overlap_at_100", "overlap_at_200", "overlap_at_500",
+              "precision_at_N", "precision_at_50", "precision_at_100", "precision_at_200", "precision_at_500"}
+    for col in ce.columns:
+        if col in ranked:
+            continue
+        np.testing.assert_allclose(mine.loc[ce.index, col].to_numpy(float), ce[col].astype(float).to_numpy(),
+                                   rtol=0, atol=1e-6, equal_nan=True, err_msg=col)
+    # top-N sets: exact |log2 FC| ties (fc clipped at 20 or 1/20) are common here; polars' ordinal rank
+    # over a window does not keep their order, so cell-eval breaks them arbitrarily. Ours breaks them
+    # in gene order: equal to the overlap computed from cell-eval's own tables with that tie order.
+    for t in ce.index:
+        r_all = _ties_in_gene_order(tables["real"], t, None)
+        p_all = _ties_in_gene_order(tables["pred"], t, None)
+        for n, col_o, col_p in ((None, "overlap_at_N", "precision_at_N"), (50, "overlap_at_50", "precision_at_50")):
+            k_o = len(r_all) if n is None else min(n, len(r_all))
+            k_p = len(p_all) if n is None else min(n, len(p_all))
+            exp_o = len(set(r_all[:k_o]) & set(p_all[:k_o])) / k_o if k_o else 0.0
+            exp_p = len(set(r_all[:k_p]) & set(p_all[:k_p])) / k_p if k_p else 0.0
+            assert mine.loc[t, col_o] == pytest.approx(exp_o, abs=1e-12), (t, col_o)
+            assert mine.loc[t, col_p] == pytest.approx(exp_p, abs=1e-12), (t, col_p)

@@ -24,8 +24,14 @@ entries are sorted once by (gene, value, group) as int64 keys, which gives every
 reference count and its count per group; the zeros of each (group, gene) are one more tie block,
 counted directly. U1 and the tie terms are integer or half-integer sums, exact in float64.
 
-Intended difference: pdex ranks in the dtype of ``.X``, so for float32 data it sums ranks in float32;
-here everything is float64 (exact for rank sums below 2**53).
+Precision: scipy computes in the dtype of ``.X``. For float32 data its p-value is float32,
+``2 * float32(Phi(-z))``: a one-sided tail below half of float32's smallest subnormal (about 7e-46) is
+exactly 0, and stays 0 through BH. That matters: cell-eval's AUCs score an FDR of 0 as
+-log10(1e-10) = 10, below every FDR in (0, 1e-10), so a gene whose p is 0 in cell-eval and 1.4e-45 in
+float64 moves from a tied block to the top of the ranking (this moved roc_auc / pr_auc by up to 0.05
+on strong responses of large groups). ``wilcoxon_ranksum`` therefore rounds the tail the same way
+(``precision``, by default the inputs' dtype). Intended difference: the rank sums, tie terms and z
+are exact float64 here (scipy sums float32 ranks), which moves p by a relative 1e-5 at most.
 """
 
 from __future__ import annotations
@@ -180,15 +186,17 @@ def _u_cdf(m: int, n: int) -> np.ndarray:
     return np.cumsum(c) / c.sum()
 
 
-def _exact_pvalue(u1: np.ndarray, n1: int, n2: int) -> np.ndarray:
-    """Two-sided exact p-value, min(1, 2 P(U <= min(U1, U2)))."""
+def _exact_pvalue(u1: np.ndarray, n1: int, n2: int, dtype=np.float64) -> np.ndarray:
+    """Two-sided exact p-value, min(1, 2 P(U <= min(U1, U2))), the tail rounded to ``dtype`` as scipy does."""
     cdf = _u_cdf(int(n1), int(n2))
     umin = np.minimum(u1, n1 * n2 - u1)
     idx = np.clip(np.rint(umin).astype(np.int64), 0, cdf.size - 1)
-    return np.clip(2.0 * cdf[idx], 0.0, 1.0)
+    tail = cdf[idx].astype(dtype)
+    return np.clip(2.0 * tail.astype(np.float64), 0.0, 1.0)
 
 
-def _asymptotic_pvalue(u1: np.ndarray, tie: np.ndarray, n1, n2, use_continuity: bool) -> np.ndarray:
+def _asymptotic_pvalue(u1: np.ndarray, tie: np.ndarray, n1, n2, use_continuity: bool,
+                       dtype=np.float64) -> np.ndarray:
     n1 = np.asarray(n1, dtype=np.float64)
     n2 = float(n2)
     n = n1 + n2
@@ -198,20 +206,32 @@ def _asymptotic_pvalue(u1: np.ndarray, tie: np.ndarray, n1, n2, use_continuity: 
     num = u - mu - (0.5 if use_continuity else 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = num / np.sqrt(np.maximum(var, 0.0))
-    p = 2.0 * ndtr(-z)
+    # scipy: ndtr in the data's dtype (float32: the tail rounds to float32, subnormals below ~7e-46 to 0)
+    p = 2.0 * ndtr(-z.astype(dtype)).astype(np.float64)
     # all values tied (var == 0): scipy gets z = -inf and p = 1
     p = np.where(var <= 0.0, 1.0, p)
     return np.clip(p, 0.0, 1.0)
 
 
+def _precision(precision, arrays) -> type:
+    if precision is None:
+        return np.float32 if all(np.dtype(a.dtype).itemsize <= 4 and np.issubdtype(a.dtype, np.floating)
+                                 for a in arrays) else np.float64
+    if np.dtype(precision) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"precision must be float32 or float64, got {precision!r}")
+    return np.dtype(precision).type
+
+
 def wilcoxon_ranksum(groups: Sequence, ref, *, use_continuity: bool = True, method: str = "auto",
-                     max_elems: int = DEFAULT_MAX_ELEMS) -> RankSumResult:
+                     max_elems: int = DEFAULT_MAX_ELEMS, precision=None) -> RankSumResult:
     """Two-sided Mann-Whitney U (Wilcoxon rank-sum) test of every gene of every group against ``ref``.
 
     ``groups``: K matrices [n_k, G] (dense or scipy sparse); ``ref``: [n_ref, G]. Equivalent to
     ``scipy.stats.mannwhitneyu(groups[k][:, g], ref[:, g], use_continuity=use_continuity,
     method=method)`` for all k, g (``method`` "auto", "asymptotic" or "exact"; "exact" is only
-    defined here without ties and raises otherwise). Values must be finite.
+    defined here without ties and raises otherwise). Values must be finite. ``precision``
+    (float32 / float64; default: float32 when every input is float32, as scipy) is the dtype the
+    p-value's tail is rounded to, as scipy computes it (see the module docstring).
     """
     if method not in ("auto", "asymptotic", "exact"):
         raise ValueError(f"method must be 'auto', 'asymptotic' or 'exact', got {method!r}")
@@ -227,6 +247,7 @@ def wilcoxon_ranksum(groups: Sequence, ref, *, use_continuity: bool = True, meth
         if x.shape[0] == 0:
             raise ValueError(f"wilcoxon_ranksum: group {i} has no cells")
     k_all = len(groups)
+    dtype = _precision(precision, [ref] + groups)
     u1 = np.zeros((k_all, n_genes))
     tie = np.zeros((k_all, n_genes))
 
@@ -257,11 +278,11 @@ def wilcoxon_ranksum(groups: Sequence, ref, *, use_continuity: bool = True, meth
     else:  # scipy's rule: exact when either group has <= 8 cells and the gene has no ties
         small = (sizes <= EXACT_MAX_N) | (n_ref <= EXACT_MAX_N)
         exact = small[:, None] & (tie == 0)
-    p = _asymptotic_pvalue(u1, tie, n1, n_ref, use_continuity)
+    p = _asymptotic_pvalue(u1, tie, n1, n_ref, use_continuity, dtype)
     if exact.any():
         for k in np.flatnonzero(exact.any(axis=1)):
             cols = exact[k]
-            p[k, cols] = _exact_pvalue(u1[k, cols], int(sizes[k]), n_ref)
+            p[k, cols] = _exact_pvalue(u1[k, cols], int(sizes[k]), n_ref, dtype)
     return RankSumResult(statistic=u1, pvalue=p, n_group=sizes, n_ref=n_ref)
 
 
@@ -284,16 +305,19 @@ def benjamini_hochberg(p) -> np.ndarray:
     return out.reshape(p.shape)
 
 
-def fold_change(mean_target_log, mean_ref_log, *, is_log1p: bool = True, clip_value: float | None = 20.0) -> np.ndarray:
+def fold_change(mean_target_log, mean_ref_log, *, is_log1p: bool = True, clip_value: float | None = 20.0,
+                dtype=np.float64) -> np.ndarray:
     """pdex's fold change from per-gene means of the (log1p) expression: mu = expm1(mean) when
-    ``is_log1p`` (means taken before exponentiating), fc = mu_t / mu_r, clipped as described above."""
-    mt = np.asarray(mean_target_log, dtype=np.float64)
-    mr = np.asarray(mean_ref_log, dtype=np.float64)
+    ``is_log1p`` (means taken before exponentiating), fc = mu_t / mu_r, clipped as described above.
+    ``dtype`` float32 computes expm1 and the ratio in float32, as pdex does on float32 data; the
+    result is float64 either way."""
+    mt = np.asarray(mean_target_log, dtype=dtype)
+    mr = np.asarray(mean_ref_log, dtype=dtype)
     if is_log1p:
         mt, mr = np.expm1(mt), np.expm1(mr)
     mt, mr = np.broadcast_arrays(mt, mr)
     with np.errstate(divide="ignore", invalid="ignore"):
-        fc = mt / mr
+        fc = (mt / mr).astype(np.float64)
     if clip_value is not None:
         fc = np.where(mr == 0, clip_value, fc)
         fc = np.where(mt == 0, 1.0 / clip_value, fc)
@@ -319,27 +343,41 @@ class DEResult:
     n_ref: int
 
 
-def _col_mean(x) -> np.ndarray:
-    if sp.issparse(x):
-        return np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
-    return np.asarray(x, dtype=np.float64).mean(axis=0)
+def _col_mean(x, dtype=np.float64) -> np.ndarray:
+    """Per-gene mean of x [n, G]. float64, or for ``dtype`` float32 as pdex takes it on float32 data:
+    ``np.mean`` of each gene's contiguous float32 column (numpy's pairwise float32 summation), so the
+    fold changes round as cell-eval's do (their |log2 FC| ties decide the top-N gene sets)."""
+    if dtype == np.float64:
+        if sp.issparse(x):
+            return np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
+        return np.asarray(x, dtype=np.float64).mean(axis=0)
+    out = np.empty(x.shape[1], dtype=np.float32)
+    step = max(1, (1 << 22) // max(1, x.shape[0]))
+    for lo in range(0, x.shape[1], step):
+        block = x[:, lo:lo + step]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        out[lo:lo + step] = np.ascontiguousarray(block.T, dtype=np.float32).mean(axis=1)
+    return out
 
 
 def differential_expression(groups: Sequence, ref, *, is_log1p: bool = True, clip_value: float | None = 20.0,
                             use_continuity: bool = True, method: str = "auto",
-                            max_elems: int = DEFAULT_MAX_ELEMS) -> DEResult:
+                            max_elems: int = DEFAULT_MAX_ELEMS, precision=None) -> DEResult:
     """pdex/cell-eval DE of each group against ``ref``: Wilcoxon rank-sum p-values, BH FDR over all
     K x G tests, and fold changes of the expm1 of the log-space means."""
     groups = list(groups)
-    rs = wilcoxon_ranksum(groups, ref, use_continuity=use_continuity, method=method, max_elems=max_elems)
+    rs = wilcoxon_ranksum(groups, ref, use_continuity=use_continuity, method=method, max_elems=max_elems,
+                          precision=precision)
     fdr = benjamini_hochberg(rs.pvalue)
-    mean_ref_log = _col_mean(ref)
-    mean_t_log = np.stack([_col_mean(x) for x in groups]) if groups else np.zeros((0, mean_ref_log.size))
-    fc = fold_change(mean_t_log, mean_ref_log[None, :], is_log1p=is_log1p, clip_value=clip_value)
+    dtype = _precision(precision, [ref] + groups)
+    mean_ref_log = _col_mean(ref, dtype)
+    mean_t_log = (np.stack([_col_mean(x, dtype) for x in groups]) if groups
+                  else np.zeros((0, mean_ref_log.size), dtype=dtype))
+    fc = fold_change(mean_t_log, mean_ref_log[None, :], is_log1p=is_log1p, clip_value=clip_value, dtype=dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
         lfc = np.log2(fc)
     lfc = np.where(np.isnan(lfc), 0.0, lfc)
-    mt = np.expm1(mean_t_log) if is_log1p else mean_t_log
-    mr = np.expm1(mean_ref_log) if is_log1p else mean_ref_log
+    mt = np.expm1(mean_t_log).astype(np.float64) if is_log1p else mean_t_log.astype(np.float64)
+    mr = np.expm1(mean_ref_log).astype(np.float64) if is_log1p else mean_ref_log.astype(np.float64)
     return DEResult(statistic=rs.statistic, pvalue=rs.pvalue, fdr=fdr, mean_target=mt, mean_ref=mr,
                     fold_change=fc, log2_fold_change=lfc, n_group=rs.n_group, n_ref=rs.n_ref)
