@@ -12,6 +12,7 @@ cells with the same metric suite (``perturbdiff.eval.suite``: cell-eval 0.6.6's 
     control_mean        resampled real controls ("no effect"; needs nothing else)
     perturbation_mean   cell-eval's baseline, from the training cells (needs train)
     linear              Ahlmann-Eltze et al. 2024, per-context offset (needs train)
+    latent_shift        scGen-style latent arithmetic on a training-cell PCA (needs train)
     ceiling             split halves of the real cells (an upper bound: real vs real)
 
 plus, per condition, MMD^2 and energy distance between predicted and real cells, and the replicate
@@ -74,9 +75,11 @@ PROFILES = {
     "minimal": ("pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "precision_at_N",
                 "de_nsig_counts"),
 }
-METHODS = ("model", "control_mean", "perturbation_mean", "linear", "ceiling")
-NEEDS_TRAIN = ("perturbation_mean", "linear")
+METHODS = ("model", "control_mean", "perturbation_mean", "linear", "latent_shift", "ceiling")
+NEEDS_TRAIN = ("perturbation_mean", "linear", "latent_shift")
 SCORE_BASELINE = "perturbation_mean"
+# each method's random stream; fixed as methods are added, so earlier methods keep their numbers
+SEED_INDEX = {"model": 0, "control_mean": 1, "perturbation_mean": 2, "linear": 3, "ceiling": 4, "latent_shift": 5}
 
 
 @dataclass
@@ -164,13 +167,17 @@ def _baseline(name: str, train, conditions: pd.DataFrame, real, opts: EvaluateOp
 
     control = opts.control_label
     controls = real[(real.obs["perturbation"].astype(str) == control).to_numpy()].copy()
-    rng = np.random.default_rng([opts.seed, METHODS.index(name)])
+    rng = np.random.default_rng([opts.seed, SEED_INDEX[name]])
     if name == "control_mean":
         return bl.predict_control_mean(controls, conditions, controls, rng, control_label=control), real
     if name == "perturbation_mean":
         return bl.predict_perturbation_mean(train, conditions, controls, rng, control_label=control), real
     if name == "linear":
         return bl.predict_linear(train, conditions, controls, rng, control_label=control, context_offset=True), real
+    if name == "latent_shift":
+        from .eval.latent import predict_latent_shift
+
+        return predict_latent_shift(train, conditions, controls, rng, control_label=control), real
     if name == "ceiling":
         return bl.predict_ceiling(real, conditions, controls, rng, control_label=control)
     raise ValueError(f"unknown method {name!r}; known: {list(METHODS)}")

@@ -41,7 +41,7 @@ def test_demo_main_job_tiny(tmp_path):
         assert (out / stage / "metrics.jsonl").stat().st_size > 0
     assert {p.name for p in (out / "predict").iterdir()} == {"pred.h5ad", "real.h5ad", "train.h5ad", MARKER}
     metrics = pd.read_csv(out / "eval" / "metrics.csv")
-    assert set(metrics["method"]) == {"model", "control_mean", "perturbation_mean", "linear", "ceiling"}
+    assert set(metrics["method"]) == {"model", "control_mean", "perturbation_mean", "linear", "latent_shift", "ceiling"}
     # the held-out conditions recorded in the saved config are exactly the ones evaluated
     cfg = load_config([str(out / "config.yaml")])
     assert isinstance(cfg, RunConfig) and cfg.synth.num_cells == 3000 and cfg.data.set_size == 16

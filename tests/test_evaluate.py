@@ -82,7 +82,9 @@ def test_known_ordering_of_methods(result):
     mean = result.aggregated.pivot(index="method", columns="metric", values="mean")
     # (one population of 30 cells per condition is scored at a time: noisier than the K pooled)
     assert mean.at["model", "pearson_delta"] > 0.7 > mean.at["control_mean", "pearson_delta"] + 0.5
-    assert mean.at["ceiling", "pearson_delta"] >= mean["pearson_delta"].drop("ceiling").max() - 0.05
+    # (the split-half ceiling holds half the real cells: the denoised latent_shift baseline can pass it)
+    assert mean.at["ceiling", "pearson_delta"] >= mean["pearson_delta"].drop(["ceiling", "latent_shift"]).max() - 0.05
+    assert mean.at["latent_shift", "pearson_delta"] > 0.7
     # no-effect predicts ~zero deltas: the model's deltas are much closer to the truth
     assert mean.at["model", "mse_delta"] < mean.at["control_mean", "mse_delta"]
     assert (result.metrics["energy_distance_v"] > 0).all() and (result.metrics["mmd2"] > -1e-6).all()
