@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> None:
+    from .threads import configure_threads
+
+    configure_threads()  # torch threads: this node's cores shared by its processes (OMP_NUM_THREADS wins)
     if args.command == "verify":
         return cmd_verify(args.store, args.sources)
     if args.command in ("predict", "evaluate", "report"):

@@ -29,6 +29,7 @@ from ..config import ConfigError, RunConfig, load_config, resolve_paths, save_co
 from ..data.loader import build_loader
 from ..errors import run_main
 from ..outputs import OutputLock, check_output, read_marker, write_marker
+from ..threads import configure_threads
 from . import distributed as pdist
 from .checkpoint import latest_step, load_foundation
 
@@ -124,6 +125,7 @@ def run(cfg: RunConfig, mode: str, init: str | None = None, log=print) -> dict:
     apply_mode(cfg, mode, log)
     validate_config(cfg)  # also when the config was built in code, not loaded
     info = pdist.init_distributed(timeout_s=cfg.train.dist_timeout_s)
+    configure_threads()  # the node's cores shared by its ranks (LOCAL_WORLD_SIZE; OMP_NUM_THREADS wins)
     trainer = lock = None
     try:
         pdist.seed_everything(cfg.train.seed, info.rank)
