@@ -366,10 +366,10 @@ def differential_expression(groups: Sequence, ref, *, is_log1p: bool = True, cli
     """pdex/cell-eval DE of each group against ``ref``: Wilcoxon rank-sum p-values, BH FDR over all
     K x G tests, and fold changes of the expm1 of the log-space means."""
     groups = list(groups)
-    rs = wilcoxon_ranksum(groups, ref, use_continuity=use_continuity, method=method, max_elems=max_elems,
-                          precision=precision)
-    fdr = benjamini_hochberg(rs.pvalue)
     dtype = _precision(precision, [ref] + groups)
+    rs = wilcoxon_ranksum(groups, ref, use_continuity=use_continuity, method=method, max_elems=max_elems,
+                          precision=dtype)
+    fdr = benjamini_hochberg(rs.pvalue)
     mean_ref_log = _col_mean(ref, dtype)
     mean_t_log = (np.stack([_col_mean(x, dtype) for x in groups]) if groups
                   else np.zeros((0, mean_ref_log.size), dtype=dtype))

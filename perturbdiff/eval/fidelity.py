@@ -29,16 +29,29 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .baselines import dense_rows, group_rows, obs_str
+from .baselines import dense_rows, group_means, group_rows, obs_str
 
 LOG1P_MAX = 15.0  # cell-eval refuses .X whose maximum exceeds this ("Invalid scale ... log1p threshold")
 FIDELITY_COLUMNS = ("zero_frac_pred", "zero_frac_real", "subcount_frac_pred", "sd_ratio", "delta_norm_ratio",
                     "max_pred", "max_real")
 
 
-def _min_nonzero(x: np.ndarray) -> float:
-    nz = x[x > 0]
-    return float(nz.min()) if nz.size else np.inf
+def _min_positive(x, rows: np.ndarray) -> float:
+    """The smallest positive value in the rows of x (dense or CSR; sparse rows are not densified)."""
+    sub = x[rows]
+    values = sub.data if sp.issparse(sub) else np.asarray(sub)
+    pos = values[values > 0]
+    return float(pos.min()) if pos.size else np.inf
+
+
+def _per_context(adata: ad.AnnData, ctrl: dict, groups: dict) -> tuple[dict, dict]:
+    """({context: control mean [G]}, {context: smallest positive value over all its cells})."""
+    keys, means = group_means(adata.X, ctrl)
+    mean = {k[0]: m for k, m in zip(keys, means)}
+    floor: dict[str, float] = {}
+    for (c, *_), rows in [*ctrl.items(), *groups.items()]:
+        floor[c] = min(floor.get(c, np.inf), _min_positive(adata.X, rows))
+    return mean, floor
 
 
 def fidelity(real: ad.AnnData, pred: ad.AnnData, control: str = "control") -> pd.DataFrame:
@@ -49,20 +62,23 @@ def fidelity(real: ad.AnnData, pred: ad.AnnData, control: str = "control") -> pd
     is_ctrl_r = obs_str(real, "perturbation") == control
     pg, rg = group_rows(pred, ~is_ctrl_p), group_rows(real, ~is_ctrl_r)
     pc, rc = group_rows(pred, is_ctrl_p, keys=("context",)), group_rows(real, is_ctrl_r, keys=("context",))
-    floor: dict[str, float] = {}
+    # per context, once: the control means, and the smallest nonzero of the real cells (one count in
+    # the largest library)
+    ctrl_mean_r, floor = _per_context(real, rc, rg)
+    keys_p, means_p = group_means(pred.X, pc)
+    ctrl_mean_p = {k[0]: m for k, m in zip(keys_p, means_p)}
+    nan = np.full(real.n_vars, np.nan)
     rows = []
     for (c, p) in sorted(k for k in pg if k in rg):
         xp, xr = dense_rows(pred.X, pg[(c, p)]), dense_rows(real.X, rg[(c, p)])
-        ctrl_r = dense_rows(real.X, rc[(c,)]) if (c,) in rc else np.zeros((0, real.n_vars))
-        ctrl_p = dense_rows(pred.X, pc[(c,)]) if (c,) in pc else ctrl_r
-        if c not in floor:  # the smallest nonzero of the context's real cells: one count in the largest library
-            floor[c] = min(_min_nonzero(ctrl_r), *(_min_nonzero(dense_rows(real.X, rg[k])) for k in rg if k[0] == c))
+        mu_ctrl_r = ctrl_mean_r.get(c, nan)
+        mu_ctrl_p = ctrl_mean_p.get(c, mu_ctrl_r)
         nz = xp[xp > 0]
         sd_r, sd_p = (xr.std(0, ddof=1) if len(xr) > 1 else np.full(xr.shape[1], np.nan),
                       xp.std(0, ddof=1) if len(xp) > 1 else np.full(xp.shape[1], np.nan))
         varying = sd_r > 0
-        d_real = xr.mean(0) - ctrl_r.mean(0) if len(ctrl_r) else np.full(xr.shape[1], np.nan)
-        d_pred = xp.mean(0) - ctrl_p.mean(0) if len(ctrl_p) else np.full(xp.shape[1], np.nan)
+        d_real = xr.mean(0) - mu_ctrl_r
+        d_pred = xp.mean(0) - mu_ctrl_p
         norm_real = float(np.linalg.norm(d_real))
         rows.append({
             "context": c, "perturbation": p,

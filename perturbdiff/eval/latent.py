@@ -59,21 +59,20 @@ def predict_latent_shift(train: ad.AnnData, conditions, controls: ad.AnnData, rn
     fallback: set[str] = set()
     cache: dict[str, np.ndarray] = {}
 
-    def shift(p: str) -> np.ndarray:
+    def step_of(p: str) -> np.ndarray:
+        """[1, G]: the perturbation's mean latent shift, decoded (the pooled shift without training cells)."""
         if p not in cache:
             rows = perts == p
-            if rows.any():
-                cache[p] = dz[rows].mean(0)
-            else:
-                cache[p] = pooled
+            if not rows.any():
                 fallback.add(p)
+            cache[p] = ((dz[rows].mean(0) if rows.any() else pooled) @ V.T)[None, :]
         return cache[p]
 
     blocks = []
     for row, s in inp.iter_populations(n_samples):
         c, p, n = row["context"], row["perturbation"], int(row["n_cells"])
         x = dense_rows(inp.controls.X, _draw(inp.ctrl_rows[c], n, rng))
-        step = (shift(p) @ V.T)[None, :]
+        step = step_of(p)
         if residual:
             x = x + step
         else:
