@@ -123,7 +123,7 @@ def cmd_predict(args) -> None:
     opts = PredictOptions(n_cells=args.n_cells, n_samples=args.n_samples, sets_per_batch=args.sets_per_batch,
                           sample_steps=args.sample_steps, guidance=args.guidance, missing_genes=args.missing_genes,
                           control_label=args.control_label, seed=args.seed, device=args.device,
-                          train_cells=args.train_cells, max_cells=args.max_cells)
+                          train_cells=args.train_cells, max_cells=args.max_cells, decode=args.decode)
     info = pdist.init_distributed()  # under torchrun: the sets are split over the processes / GPUs
     try:
         _predict(args, opts, info)
@@ -146,13 +146,15 @@ def _predict(args, opts, info) -> None:
             raise ConfigError("--conditions needs --controls (an h5ad with control cells)")
         from .config import NormalizeConfig
 
-        conditions = read_conditions(args.conditions, opts)
+        contexts = found.vocabularies.get("context", [])
+        only = str(contexts[0]) if len(contexts) == 1 else None  # one context: the columns may leave it out
+        conditions = read_conditions(args.conditions, opts, only_context=only)
         normalize = NormalizeConfig(**found.manifest.get("extra", {}).get("normalize", {}))
 
         def body(stage: Path) -> list[Path]:
             pool = controls_from_h5ad(args.controls, found.genes, normalize, sorted(conditions["context"].unique()),
                                       opts, pert_col=args.pert_col, context_col=args.context_col,
-                                      batch_col=args.batch_col)
+                                      batch_col=args.batch_col, only_context=only)
             pred = predict(found, conditions, pool, stage / "pred.h5ad", opts)
             return [pred] if pred is not None else []
 
@@ -180,7 +182,9 @@ def cmd_evaluate(args) -> None:
         out = Path(args.out) if args.out else Path(pred).parent / "eval"
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     opts = EvaluateOptions(control_label=args.control_label, profile=args.profile, de_fdr=args.de_fdr,
-                           methods=methods, distances=not args.no_distances, seed=args.seed)
+                           methods=methods, distances=not args.no_distances, seed=args.seed,
+                           pert_col=args.pert_col, context_col=args.context_col or None,
+                           batch_col=args.batch_col or None)
     ev = evaluate_files(pred, real, out, train, opts, overwrite=args.overwrite)
     print(format_table(ev))
     if ev.summary["score_baseline"]:
@@ -230,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--missing-genes", choices=("error", "zero"), default="error")
+    p.add_argument("--decode", choices=("counts", "continuous"), default="counts",
+                   help="counts: generated cells as attainable counts at their context's library sizes (default); "
+                        "continuous: the paper's output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--train-cells", type=int, default=256,
@@ -247,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="full", choices=("full", "paper", "vcc", "minimal"))
     p.add_argument("--methods", default="model,control_mean,perturbation_mean,linear,latent_shift,ceiling")
     p.add_argument("--control-label", default="control")
+    p.add_argument("--pert-col", default="perturbation", help="obs column of the perturbation labels")
+    p.add_argument("--context-col", default="context",
+                   help="obs column of the context (cell type / line); '' for data with one context")
+    p.add_argument("--batch-col", default="batch", help="obs column of the replicate batch ('' for none)")
     p.add_argument("--de-fdr", type=float, default=0.05)
     p.add_argument("--no-distances", action="store_true", help="skip MMD / energy distance per condition")
     p.add_argument("--seed", type=int, default=0)

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 CONDITION_KEYS = ("perturbation", "context", "batch")
 
 
-def read_conditions(path: str, opts: PredictOptions) -> pd.DataFrame:
+def read_conditions(path: str, opts: PredictOptions, only_context: str | None = None) -> pd.DataFrame:
     """A conditions file (.parquet, .tsv, else comma-separated text): columns perturbation, context;
-    optional batch, n_cells, n_samples, dose and other numeric covariates. Checked row by row."""
+    optional batch, n_cells, n_samples, dose and other numeric covariates. Checked row by row.
+    ``only_context``: the checkpoint's one context, taken when the table has no context column."""
     p = Path(path)
     if not p.is_file():
         raise DataError(path, "conditions file not found")
@@ -45,6 +46,8 @@ def read_conditions(path: str, opts: PredictOptions) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(path, f"cannot read the conditions table (is it a .csv/.tsv/.parquet file?): {first}") from None
+    if "context" not in df.columns and only_context is not None:
+        df["context"] = only_context
     missing = [c for c in ("perturbation", "context") if c not in df.columns]
     if missing:
         raise DataError(path, f"conditions need columns {missing} (has {list(df.columns)[:10]})")
@@ -118,6 +121,10 @@ def covariates(conditions: pd.DataFrame, vocabularies: dict[str, list[str]], mod
         out[name] = torch.tensor(ids, dtype=torch.long)
     if "batch" in branches:
         index = {v: i for i, v in enumerate(vocabularies.get("batch", []))}
+        if len(index) == 1 and conditions["batch"].isna().any():  # one batch in training: it is the batch
+            only = next(iter(index))
+            notes.append(f"condition(s) without a batch take the checkpoint's only batch {only!r}")
+            conditions = conditions.assign(batch=conditions["batch"].fillna(only))
         known = conditions["batch"].map(lambda b: b in index)
         if known.all():
             out["batch"] = torch.tensor([index[b] for b in conditions["batch"]], dtype=torch.long)

@@ -77,7 +77,7 @@ class ShardConfig:
     dataset: str = "dataset"  # dataset name recorded in the manifest
     # h5ad column mapping (tahoe uses its fixed schema)
     perturbation_col: str = "perturbation"
-    context_col: str = "cell_type"
+    context_col: Optional[str] = "cell_type"  # None: one context for the whole file
     batch_col: Optional[str] = None  # None: one batch for the whole file
     control_label: str = "control"
     cell_id_col: Optional[str] = None  # None: obs_names
@@ -167,7 +167,11 @@ class DataConfig:
     # converter shuffles cells within each group, so a run is a random sample of its group; runs
     # make a set a few contiguous reads instead of m scattered ones. 1 = fully independent cells.
     run_cells: int = 32
-    include_controls: bool = False  # control groups are also targets (marginal pretraining)
+    # control groups are also targets (forced in marginal pretraining). On by default in fine-tuning too: the
+    # model then learns every context's "no perturbation" population from its controls, so a context without
+    # training perturbations (an unseen cell type) is still met in fine-tuning. Off, the devel h5ad's unseen
+    # U87MG came out shrunk to other lines' level (mae 0.37 vs 0.14 on, docs/benchmarks.md)
+    include_controls: bool = True
     empty_control_pool: str = "same_context"  # error | same_context | none (zero-size, masked)
     split: SplitConfig = field(default_factory=SplitConfig)
     panel: PanelConfig = field(default_factory=PanelConfig)
@@ -245,7 +249,10 @@ class DiffusionConfig:
     # Sampling
     sample_steps: int = 100  # K respaced DDIM steps from t = T
     respacing: str = "uniform"  # uniform (T-1 .. 0 over K steps) | released (the released code's t = K-1 .. 0)
-    guidance: float = 1.0  # w: eps = (1 + w) eps_cond - w eps_uncond
+    # w: eps = (1 + w) eps_cond - w eps_uncond. 0 = plain conditional sampling (one forward per step). The
+    # paper's w = 1 extrapolates the response: the predicted difference between perturbations came out
+    # 1.8-1.9x the real one at w = 1, 0.9-1.0x at w = 0 (tests/test_finetune_branch.py; docs/benchmarks.md)
+    guidance: float = 0.0
     cutoff: float = 1e-4  # predicted x0 below this is set to 0
     # predicted x0 above this is set to it (the model's scale); None: the largest value the data's
     # normalisation can produce, log1p(target_sum) / scale (one gene holding all of a cell's counts)
@@ -317,6 +324,9 @@ class PipelineConfig:
     n_samples: int = 3  # sampled populations per held-out condition (calibration needs >= 2)
     sample_steps: Optional[int] = None  # DDIM steps for prediction (None: diffusion.sample_steps)
     train_cells: int = 256  # training cells per group sampled for the baselines
+    # data.panel kind hvg: the genes chosen on the training and control cells only (the test cells take no part)
+    panel_from_training: bool = True
+    decode: str = "counts"  # counts (attainable counts, perturbdiff/decode.py) | continuous (the paper's output)
     profile: str = "full"  # evaluate metric profile: full | paper | vcc | minimal
     report: bool = True
 

@@ -310,6 +310,7 @@ RULES: dict[str, Rule] = {
     "pipeline.sample_steps": POSITIVE_INT,
     "pipeline.train_cells": COUNT,  # 0: no training cells for the baselines
     "pipeline.profile": Choice(PROFILES),
+    "pipeline.decode": Choice(("counts", "continuous")),  # perturbdiff/decode.py DECODES
 }
 
 # Leaves that take any value of their type: names, paths, labels, column names.

@@ -11,7 +11,8 @@ cells with the same metric suite (``perturbdiff.eval.suite``: cell-eval 0.6.6's 
     model               the prediction
     control_mean        resampled real controls ("no effect"; needs nothing else)
     perturbation_mean   cell-eval's baseline, from the training cells (needs train)
-    linear              Ahlmann-Eltze et al. 2024, per-context offset (needs train)
+    linear              Ahlmann-Eltze et al. 2024, per-context offset; an unseen context from its controls
+                        (needs train)
     latent_shift        scGen-style latent arithmetic on a training-cell PCA (needs train)
     ceiling             split halves of the real cells (an upper bound: real vs real)
 
@@ -92,6 +93,10 @@ class EvaluateOptions:
     calibration: bool = True
     cap: int = 2_000  # cells per side for the distances
     seed: int = 0
+    # the user's obs columns (renamed to the evaluation layout on read); context_col None: one context
+    pert_col: str = "perturbation"
+    context_col: str | None = "context"
+    batch_col: str | None = "batch"
 
 
 @dataclass
@@ -104,7 +109,31 @@ class Evaluation:
     summary: dict = field(default_factory=dict)
 
 
-def _read(path: str | Path, what: str):
+def _layout(adata, path: Path, what: str, opts: EvaluateOptions | None):
+    """The user's obs columns under the evaluation layout's names (perturbation, context, batch)."""
+    if opts is None:
+        return adata
+    obs = adata.obs
+    for want, col in (("perturbation", opts.pert_col), ("context", opts.context_col), ("batch", opts.batch_col)):
+        if col is None or col == want:
+            continue
+        if col not in obs.columns:
+            if want == "batch":  # an absent batch column: one batch
+                continue
+            flag = {"perturbation": "--pert-col", "context": "--context-col"}[want]
+            raise DataError(path, f"{what}: obs has no column {col!r} ({flag}; columns: {list(obs.columns)[:12]})")
+        if want in obs.columns:
+            obs = obs.rename(columns={want: f"{want}_orig"})
+        obs = obs.rename(columns={col: want})
+    if opts.context_col is None:
+        if "context" in obs.columns:
+            obs = obs.rename(columns={"context": "context_orig"})
+        obs["context"] = "all"
+    adata.obs = obs
+    return adata
+
+
+def _read(path: str | Path, what: str, opts: EvaluateOptions | None = None):
     import anndata as ad
 
     path = Path(path)
@@ -114,6 +143,7 @@ def _read(path: str | Path, what: str):
         adata = ad.read_h5ad(path)
     except Exception as err:  # h5py / anndata raise many types for a damaged file
         raise DataError(path, f"cannot read {what} AnnData: {err}") from None
+    adata = _layout(adata, path, what, opts)
     for col in ("perturbation", "context"):
         if col not in adata.obs.columns:
             raise DataError(path, f"{what}: obs has no column {col!r} (columns: {list(adata.obs.columns)[:12]}); "
@@ -173,7 +203,8 @@ def _baseline(name: str, train, conditions: pd.DataFrame, real, opts: EvaluateOp
     if name == "perturbation_mean":
         return bl.predict_perturbation_mean(train, conditions, controls, rng, control_label=control), real
     if name == "linear":
-        return bl.predict_linear(train, conditions, controls, rng, control_label=control, context_offset=True), real
+        return bl.predict_linear(train, conditions, controls, rng, control_label=control, context_offset=True,
+                                 context_from_controls=True), real
     if name == "latent_shift":
         from .eval.latent import predict_latent_shift
 
@@ -293,12 +324,12 @@ def _evaluate_files(pred, real, out: Path, train, opts: EvaluateOptions, log) ->
         raise DataError(None, f"unknown method(s) {unknown}; known: {list(METHODS)}")
     t0 = time.time()
     paths = {"pred": str(pred), "real": str(real), "train": str(train) if train else None}
-    pred_ad, real_ad = _read(pred, "pred"), _read(real, "real")
+    pred_ad, real_ad = _read(pred, "pred", opts), _read(real, "real", opts)
     _check_pair(real_ad, pred_ad, paths, opts.control_label)
     notes: dict[str, list[str]] = {"inputs": _check_scale(pred_ad, paths["pred"], log)
                                    + _check_scale(real_ad, paths["real"], log)}
     real_ad = _real_only(real_ad)
-    train_ad = _read(train, "train") if train else None
+    train_ad = _read(train, "train", opts) if train else None
     if train_ad is not None:
         gt = train_ad.var_names.astype(str).to_numpy()
         if not np.array_equal(gt, real_ad.var_names.astype(str).to_numpy()):

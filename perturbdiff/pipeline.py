@@ -32,6 +32,8 @@ import copy
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .config import ConfigError, HoldoutRule, RunConfig, save_config, validate_config
 from .outputs import OutputLock, check_output, read_marker, remove_output, write_marker
 
@@ -117,6 +119,76 @@ def build_store(cfg: RunConfig, overwrite: bool, stage: Stages, sources: str | N
           f"{summary['arrays_checked']} checksums verified")
 
 
+def check_split(cfg: RunConfig) -> None:
+    """The held-out protocol, checked on the store BEFORE any training: the test split has cells,
+    every test context has control cells (prediction is conditioned on them), and training keeps some
+    perturbed groups. Prints what is held out, and which test contexts are unseen in training."""
+    from .data.splits import TEST, TRAIN, assign_splits
+    from .data.store import CellStore
+
+    cond = CellStore(cfg.data.store).conditions
+    labels = assign_splits(cond, cfg.data.split, log=lambda *a: None)
+    nonempty = (cond["n"] > 0).to_numpy()
+    test = cond[(labels == TEST) & nonempty]
+    if test.empty:
+        raise ConfigError(f"data.split.test matches no cells of {cfg.data.store}: check the rules' labels "
+                          f"(contexts there: {sorted(cond['context'].unique())[:10]}, perturbations: "
+                          f"{sorted(cond.loc[~cond['is_control'], 'perturbation'].unique())[:10]})")
+    ctrl_ctx = set(cond.loc[cond["is_control"].to_numpy() & nonempty, "context"])
+    lacking = sorted(set(test["context"]) - ctrl_ctx)
+    if lacking:
+        raise ConfigError(f"test context(s) {lacking} have no control cells in {cfg.data.store}: prediction is "
+                          "conditioned on a context's controls")
+    train = cond[(labels == TRAIN) & nonempty & ~cond["is_control"].to_numpy()]
+    if train.empty:
+        raise ConfigError("data.split leaves no perturbed cells for training")
+    unseen = sorted(set(test["context"]) - set(train["context"]))
+    new_perts = sorted(set(test["perturbation"]) - set(train["perturbation"]))
+    print(f"      test split: {len(test)} group(s), {int(test['n'].sum()):,} cells in context(s) "
+          f"{sorted(test['context'].unique())[:6]}; training: {len(train)} perturbed group(s)"
+          + (f"; unseen in training: context(s) {unseen}" if unseen else "")
+          + (f"; perturbation(s) without training cells: {new_perts[:6]}" if new_perts else ""))
+
+
+def training_panel(cfg: RunConfig, out: Path, cells_per_group: int = 500, log=print) -> None:
+    """``data.panel`` kind hvg: the top ``num_genes`` highly variable genes of the TRAINING and control
+    cells (up to ``cells_per_group`` of each group, seeded), not of every cell of the store, so the
+    held-out cells do not choose the genes. Written to ``out/panel_genes.txt`` (vocabulary order) and
+    used as ``data.panel`` kind=file; the shard's flavour (seurat_v3 on counts, dispersion else)."""
+    from data_sharding import hvg
+    from data_sharding.parts import gene_stats
+    from .config import PanelConfig
+    from .data.schema import VALUES_COUNTS
+    from .data.splits import CONTROL, TRAIN, assign_splits
+    from .data.store import CellStore
+
+    store = CellStore(cfg.data.store)
+    k = min(cfg.data.panel.num_genes, store.num_genes)
+    cond = store.conditions
+    labels = assign_splits(cond, cfg.data.split, log=lambda *a: None)
+    keep = cond[np.isin(labels, [TRAIN, CONTROL]) & (cond["n"] > 0).to_numpy()]
+    rng = np.random.default_rng([cfg.data.seed, 43])
+    rows = np.sort(np.concatenate([rng.choice(np.arange(s, s + n), min(n, cells_per_group), replace=False)
+                                   for s, n in zip(keep["start"], keep["n"])]))
+    flavor = cfg.shard.hvg.flavor if store.value_kind == VALUES_COUNTS else "dispersion"
+    chunks = [rows[i:i + 4096] for i in range(0, len(rows), 4096)]
+    stats = hvg.combine_stats([gene_stats(*store.read_csr(c), store.num_genes, store.value_kind, flavor)
+                               for c in chunks])
+    clipped = None
+    if flavor == "seurat_v3":
+        clipped = hvg.ClippedMoments(stats)
+        for c in chunks:
+            _, indices, data = store.read_csr(c)
+            clipped.update(indices, data)
+    _, ranking = hvg.select(flavor, stats, clipped, cfg.shard.hvg.num_bins)
+    genes = np.asarray(store.gene_ids)[np.sort(ranking[:k])]
+    path = out / "panel_genes.txt"
+    path.write_text("".join(f"{g}\n" for g in genes))
+    cfg.data.panel = PanelConfig(kind="file", num_genes=k, genes_file=str(path))
+    log(f"      gene panel: the {k:,} most variable genes ({flavor}) of {len(rows):,} training/control cells "
+        f"-> {path}")
+
+
 def _stage_config(cfg: RunConfig, name: str, steps: int, lr: float | None) -> RunConfig:
     sub = copy.deepcopy(cfg)
     sub.out_dir = str(Path(cfg.out_dir) / name)
@@ -159,6 +231,7 @@ def predict_stage(cfg: RunConfig, foundation: Path, stage: Stages) -> Path:
     stage(f"predict the held-out (test) conditions: {p.n_samples} population(s) each, "
           f"{p.sample_steps or cfg.diffusion.sample_steps} DDIM steps -> {out}")
     opts = PredictOptions(n_samples=p.n_samples, sample_steps=p.sample_steps, train_cells=p.train_cells,
+                          decode=p.decode,
                           seed=cfg.train.seed)
     t0 = time.time()
     paths = predict_split(load_foundation(foundation), cfg.data.store, cfg.data.split, "test", out, opts,
@@ -214,6 +287,10 @@ def _run_pipeline(cfg: RunConfig, out: Path, overwrite: bool, synthetic: bool, s
                           "e.g. data.split.test=[{contexts: [U87MG], perturbations: [MAPK1]}]")
     save_config(cfg, out)
     build_store(cfg, overwrite, stage, sources)
+    check_split(cfg)  # an empty or unpredictable test split fails here, not after training
+    if cfg.pipeline.panel_from_training and cfg.data.panel.kind == "hvg":
+        training_panel(cfg, out)
+        save_config(cfg, out)  # the config that trains names the panel file
     foundation = train_stages(cfg, overwrite, stage)
     pred_dir = predict_stage(cfg, foundation, stage)
     eval_dir = evaluate_stage(cfg, pred_dir, stage)

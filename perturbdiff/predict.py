@@ -39,6 +39,7 @@ from .config import NormalizeConfig
 from .conditions import covariates, normalise_conditions
 from .data.schema import VALUES_COUNTS, VALUES_LOGNORM, DataError
 from .data.store import to_dense
+from .decode import DECODES, decode_counts, library_sizes
 from .errors import one_line
 from .outputs import OutputLock, Staging, check_output, out_of_space, space_error
 from .train import distributed as pdist
@@ -57,6 +58,9 @@ class PredictOptions:
     train_cells: int = 0  # > 0: predict_split also samples this many cells per training group (train.h5ad)
     max_cells: int = 5_000_000  # generated cells per call, over all conditions (a bound on typos like 1e9)
     missing_genes: str = "error"  # error | zero
+    # counts: every generated cell decoded to attainable values (integer counts at a library size of its
+    # context's control cells, normalised as the data; perturbdiff.decode); continuous: the paper's output
+    decode: str = "counts"
     control_label: str = "control"
     seed: int = 0
     device: str = "auto"
@@ -76,6 +80,7 @@ class ControlPool:
     batch: np.ndarray  # [n] str
     source: str
     notes: list[str] = field(default_factory=list)
+    libraries: np.ndarray | None = None  # [n] library sizes (total counts; perturbdiff.decode), None: unknown
 
     def rows(self, context: str, batch: str | None) -> np.ndarray:
         in_ctx = self.context == context
@@ -115,7 +120,7 @@ def controls_from_store(store_path: str, genes: list[str], normalize: NormalizeC
     panel_map, notes = _gene_map(store.gene_ids, genes, opts.missing_genes, str(store_path))
     cond = store.conditions[store.conditions["is_control"]]
     rng = np.random.default_rng([opts.seed, 17])
-    xs, ctx, bat = [], [], []
+    xs, ctx, bat, lib = [], [], [], []
     for context in contexts:
         groups = cond[cond["context"] == context]
         if groups.empty:
@@ -125,15 +130,18 @@ def controls_from_store(store_path: str, genes: list[str], normalize: NormalizeC
         pick = _sample(np.arange(len(rows)), opts.max_controls, rng)
         indptr, indices, data = store.read_csr(rows[pick])
         xs.append(to_dense(indptr, indices, data, panel_map, len(genes), normalize, store.value_kind))
+        lib.append(library_sizes(indptr, data, store.value_kind, normalize))
         ctx.append(np.full(len(pick), context))
         bat.append(batches[pick].astype(str))
-    return ControlPool(np.concatenate(xs), np.concatenate(ctx), np.concatenate(bat), str(store_path), notes)
+    return ControlPool(np.concatenate(xs), np.concatenate(ctx), np.concatenate(bat), str(store_path), notes,
+                       _libraries(lib))
 
 
 def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, contexts: list[str],
                        opts: PredictOptions, *, pert_col: str = "perturbation", context_col: str = "context",
-                       batch_col: str | None = "batch") -> ControlPool:
-    """Control cells of a user's h5ad (rows whose ``pert_col`` is the control label)."""
+                       batch_col: str | None = "batch", only_context: str | None = None) -> ControlPool:
+    """Control cells of a user's h5ad (rows whose ``pert_col`` is the control label). ``only_context``:
+    the checkpoint's one context, given to every cell when obs has no ``context_col``."""
     import anndata as ad
 
     if not Path(path).is_file():
@@ -142,17 +150,18 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
         adata = ad.read_h5ad(path, backed="r")
     except Exception as err:  # noqa: BLE001 - h5py / anndata raise many kinds for a damaged file
         raise DataError(path, f"cannot read the controls h5ad (truncated or damaged?): {one_line(err)}") from None
-    for col in (pert_col, context_col, *([batch_col] if batch_col else [])):
+    implicit = only_context is not None and context_col not in adata.obs.columns
+    for col in (pert_col, *([] if implicit else [context_col]), *([batch_col] if batch_col else [])):
         if col not in adata.obs.columns:
             raise DataError(path, f"obs has no column {col!r} (columns: {list(adata.obs.columns)[:10]})")
     is_ctrl = adata.obs[pert_col].astype(str).to_numpy() == opts.control_label
     if not is_ctrl.any():
         raise DataError(path, f"no control cells: no obs[{pert_col!r}] equals {opts.control_label!r}")
     panel_map, notes = _gene_map(adata.var_names.to_numpy(), genes, opts.missing_genes, path)
-    context = adata.obs[context_col].astype(str).to_numpy()
+    context = np.full(adata.n_obs, only_context) if implicit else adata.obs[context_col].astype(str).to_numpy()
     batch = adata.obs[batch_col].astype(str).to_numpy() if batch_col else np.full(adata.n_obs, "batch")
     rng = np.random.default_rng([opts.seed, 17])
-    xs, ctx, bat = [], [], []
+    xs, ctx, bat, lib = [], [], [], []
     kind = None
     for c in contexts:
         rows = np.flatnonzero(is_ctrl & (context == c))
@@ -167,12 +176,18 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
         if kind is None:
             kind = VALUES_COUNTS if np.array_equal(X.data, np.round(X.data)) else VALUES_LOGNORM
             notes.append(f"{path}: values look like {'raw counts' if kind == VALUES_COUNTS else 'log-normalised'}")
-        xs.append(to_dense(X.indptr, X.indices, X.data, panel_map, len(genes), normalize, kind,
-                           totals=np.asarray(X.sum(axis=1)).ravel()))
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        xs.append(to_dense(X.indptr, X.indices, X.data, panel_map, len(genes), normalize, kind, totals=totals))
+        lib.append(library_sizes(X.indptr, X.data, kind, normalize, totals if kind == VALUES_COUNTS else None))
         ctx.append(np.full(len(rows), c))
         bat.append(batch[rows])
     adata.file.close()
-    return ControlPool(np.concatenate(xs), np.concatenate(ctx), np.concatenate(bat), path, notes)
+    return ControlPool(np.concatenate(xs), np.concatenate(ctx), np.concatenate(bat), path, notes, _libraries(lib))
+
+
+def _libraries(parts: list) -> np.ndarray | None:
+    """The pool's library sizes, or None when any part's are unknown (perturbdiff.decode)."""
+    return None if any(p is None for p in parts) else np.concatenate(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,9 +378,15 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
         raise DataError(None, f"--sample-steps {steps}: must be in 1 .. {diffusion.cfg.steps} (the checkpoint's "
                         "diffusion.steps)")
     x0_max = attainable_max(diffusion.cfg, normalize)
+    if opts.decode not in DECODES:
+        raise DataError(None, f"--decode {opts.decode!r}: must be one of {', '.join(DECODES)}")
+    counts = opts.decode == "counts" and pool.libraries is not None
     model = found.build(device=device).eval()
     marginal = diffusion.cfg.p_drop_control >= 1.0
     notes = list(pool.notes)
+    if opts.decode == "counts" and not counts:
+        notes.append("decode=counts: the control cells' library sizes are unknown (log-normalised values without "
+                     "log1p), so the continuous output is written")
     cov = covariates(conditions, found.vocabularies, model, notes, extra.get("numeric_in_data"))
     jobs = [(i, s, k, min(m, n - k)) for i, row in conditions.iterrows() for s in range(int(row["n_samples"]))
             for n in [int(row["n_cells"])] for k in range(0, n, m)]
@@ -381,6 +402,7 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
             ctrl = np.zeros((len(chunk), m, G), dtype=np.float32)
             ctrl_mask = np.zeros((len(chunk), m), dtype=bool)
             noise = torch.empty(len(chunk), m, G)
+            picks = []
             for j, (i, s, k, _) in enumerate(chunk):
                 row = conditions.iloc[i]
                 rows = pool.rows(row["context"], row["batch"])
@@ -390,6 +412,7 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
                 seed = _set_seed(opts.seed, i, s, k)
                 pick = np.random.default_rng(seed).choice(rows, min(m, len(rows)), replace=False)
                 ctrl[j, :len(pick)], ctrl_mask[j, :len(pick)] = pool.x[pick], not marginal
+                picks.append((seed, pick))
                 noise[j] = torch.randn(m, G, generator=torch.Generator().manual_seed(seed))
             idx = torch.tensor([i for i, _, _, _ in chunk])
             out = sample_sets(model, diffusion, ctrl=torch.from_numpy(ctrl).to(device),
@@ -397,12 +420,19 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
                               cov={k: v[idx].to(device) for k, v in cov.items()}, num_cells=m, num_samples=1,
                               guidance=opts.guidance, sample_steps=opts.sample_steps, x0_max=x0_max,
                               noise=noise)[:, 0]
-            out = out.float().cpu().numpy() * normalize.scale
+            out = out.float().cpu().numpy()
             for j, (i, s, _, n) in enumerate(chunk):
                 row = conditions.iloc[i]
-                writer.append(out[j, :n], row["perturbation"], row["context"], str(row["batch"]), s, False)
+                cells = out[j, :n]
+                if counts:  # each cell takes the library of one control cell of its set, in order
+                    seed, pick = picks[j]
+                    cells = decode_counts(cells, pool.libraries[np.resize(pick, n)], normalize,
+                                          np.random.default_rng([seed, 41]))
+                writer.append(cells * normalize.scale, row["perturbation"], row["context"], str(row["batch"]), s,
+                              False)
             log(f"  predicted {min(start + B, hi) - lo}/{hi - lo} sets" + (f" on rank {rank}" if world > 1 else ""))
         uns = {"perturbdiff": {"notes": notes, "set_size": m, "control_label": opts.control_label,
+                               "decode": "counts" if counts else "continuous",
                                "sample_steps": opts.sample_steps or diffusion.cfg.sample_steps, "processes": world}}
         if world == 1:
             append_controls(writer, pool, normalize, opts)

@@ -65,6 +65,18 @@ def test_pipeline_needs_a_test_split(tmp_path):
     assert "data.split.test is empty" in res.stderr
 
 
+def test_pipeline_checks_the_split_before_training(tmp_path):
+    """A test rule that matches no cells of the store fails after sharding, before any training."""
+    out = tmp_path / "run"
+    res = run_cli("demo", "--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", *TINY,
+                  "data.split.test=[{contexts: [no_such_line], perturbations: [no_such_drug]}]",
+                  "data.split.strict=false", "pipeline.pretrain_steps=4", "pipeline.finetune_steps=6")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "data.split.test matches no cells" in res.stderr and "contexts there:" in res.stderr
+    assert (out / "store.zarr" / "manifest.json").is_file()
+    assert not (out / "pretrain").exists() and not (out / "finetune").exists()
+
+
 def test_unknown_key_is_a_clear_error(tmp_path):
     res = run_cli("stream", f"out_dir={tmp_path}", "data.set_sise=3")
     assert res.returncode == 2

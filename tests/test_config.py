@@ -186,3 +186,17 @@ def test_every_config_preset_loads(path):
 def test_invalid_yaml_in_an_override_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"override 'data.split.test=.*not valid YAML.*space after each colon"):
         load_config([], ["data.split.test=[{contexts:[U87MG]}]"])
+
+
+def test_the_cpu_preset_loads_with_every_data_preset():
+    """configs/cpu.yaml is valid alone and under each dataset preset (which wins where it sets a value)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    base = load_config([str(root / "cpu.yaml")])
+    assert base.diffusion.guidance == 0.0 and base.data.include_controls and base.pipeline.decode == "counts"
+    for preset in sorted((root / "data").glob("*.yaml")):
+        cfg = load_config([str(root / "cpu.yaml"), str(preset)])
+        assert cfg.model.size == "tiny" and cfg.pipeline.finetune_steps == 1500, preset.name
+    devel = load_config([str(root / "cpu.yaml"), str(root / "data" / "devel_h5ad.yaml")])
+    assert devel.data.panel.num_genes == 500  # the 500-gene file's own panel

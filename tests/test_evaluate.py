@@ -243,3 +243,36 @@ def test_an_incomplete_prediction_is_refused_and_no_score_without_its_baseline(i
     assert ev.summary["score_baseline"] is None and ev.summary["avg_score"] == {} and ev.scores.empty
     assert any("no normalised score" in n for n in ev.summary["notes"]["all"])
     assert "score" not in format_table(ev).splitlines()[0]
+
+
+def test_files_in_the_users_own_layout_score_the_same(inputs, result, tmp_path):
+    """--pert-col / --context-col / --batch-col / --control-label: the same cells under the user's obs
+    names and control label give the same metrics as the evaluation layout."""
+    paths = {}
+    for name in ("pred", "real", "train"):
+        a = ad.read_h5ad(inputs[name])
+        a.obs = a.obs.rename(columns={"perturbation": "condition", "context": "cell_type", "batch": "donor"})
+        a.obs["condition"] = a.obs["condition"].astype(str).replace({"control": "NT"})
+        a.obs["perturbation"] = "decoy"  # a column that happens to have a layout name is set aside
+        paths[name] = tmp_path / f"{name}.h5ad"
+        a.write_h5ad(paths[name])
+    opts = EvaluateOptions(pert_col="condition", context_col="cell_type", batch_col="donor", control_label="NT")
+    ev = evaluate_files(paths["pred"], paths["real"], tmp_path / "eval", paths["train"], opts, log=lambda s: None)
+    key = ["method", "context", "perturbation"]
+    a = result.metrics.sort_values(key).reset_index(drop=True)
+    b = ev.metrics.sort_values(key).reset_index(drop=True)
+    b["perturbation"] = b["perturbation"].astype(str)
+    pd.testing.assert_frame_equal(a[["pearson_delta", "mae"]], b[["pearson_delta", "mae"]])
+    assert list(a["perturbation"]) == list(b["perturbation"])
+    with pytest.raises(DataError, match="no column 'cell_line'.*--context-col"):
+        evaluate_files(paths["pred"], paths["real"], tmp_path / "e2", None,
+                       EvaluateOptions(pert_col="condition", context_col="cell_line", control_label="NT"),
+                       log=lambda s: None)
+
+
+def test_one_implicit_context(inputs, tmp_path):
+    """--context-col '' (data of one cell type): every cell is in one context, 'all'."""
+    opts = EvaluateOptions(context_col=None, methods=("model", "control_mean"), distances=False, calibration=False)
+    ev = evaluate_files(inputs["pred"], inputs["real"], tmp_path / "eval", None, opts, log=lambda s: None)
+    assert set(ev.metrics["context"]) == {"all"}
+    assert set(ev.metrics["method"]) == {"model", "control_mean"}

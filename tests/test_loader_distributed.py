@@ -116,14 +116,15 @@ def test_two_ranks_two_workers_partition_the_epoch(tahoe_store, dist_runs, drop_
         assert sum(r["num_batches"] for r in res) == sum(-(-len(i) // B) for i in idx)
     for r, i in enumerate(idx):  # position i goes to rank i % world, in order
         assert (i % WORLD == r).all() and np.all(np.diff(i) > 0)
-    # rows: disjoint between ranks, and (proportional, no drop) every train cell exactly once
+    # rows: disjoint between ranks, and (proportional, no drop) every train / control cell exactly once
     rows = [flat(r, "rows") for r in res]
     rows = [x[x >= 0] for x in rows]
     assert not set(rows[0].tolist()) & set(rows[1].tolist())
     if not drop_last:
         labels = ref.split_labels
         cond = ref.store.conditions
-        train_rows = np.concatenate([np.arange(c.start, c.stop) for c in cond[labels == "train"].itertuples()])
+        targets = np.isin(labels, ["train", "control"])  # data.include_controls (the default): controls too
+        train_rows = np.concatenate([np.arange(c.start, c.stop) for c in cond[targets].itertuples()])
         np.testing.assert_array_equal(np.sort(np.concatenate(rows)), train_rows)
     assert all(r["epoch_after"] == 1 for r in res)
 

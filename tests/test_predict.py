@@ -150,7 +150,7 @@ def test_a_population_does_not_depend_on_its_batch(store, tmp_path):
     found = load_foundation(random_foundation(store, tmp_path / "found", SPLIT))
     outs = []
     for b in (1, 4):
-        opts = dataclasses.replace(OPTS, sets_per_batch=b, train_cells=0)
+        opts = dataclasses.replace(OPTS, sets_per_batch=b, train_cells=0, decode="continuous")
         pred, _ = predict_split(found, str(store), SPLIT, "test", tmp_path / f"b{b}", opts, log=lambda *a: None)
         outs.append(ad.read_h5ad(pred))
     a, b = outs
@@ -175,3 +175,24 @@ def test_predicted_values_stay_within_what_the_data_can_hold(store, tmp_path):
     assert attainable_max(DiffusionConfig(), NormalizeConfig()) * NormalizeConfig().scale == pytest.approx(bound)
     assert x.max() <= bound + 1e-4 and x.min() >= 0
     assert attainable_max(DiffusionConfig(x0_max=0.3), NormalizeConfig()) == 0.3
+
+
+def test_one_implicit_context_needs_no_context_column(tmp_path, foundation):
+    """A checkpoint with one context: controls and conditions may leave the context column out."""
+    path, X, genes = user_h5ad(tmp_path, foundation)
+    a = ad.read_h5ad(path)
+    keep = (a.obs["context"] == "T_cell").to_numpy()
+    a = a[keep].copy()
+    del a.obs["context"]
+    a.write_h5ad(tmp_path / "noctx.h5ad")
+    norm = NormalizeConfig()
+    pool = controls_from_h5ad(str(tmp_path / "noctx.h5ad"), foundation.genes, norm, ["T_cell"], OPTS,
+                              batch_col=None, only_context="T_cell")
+    assert set(pool.context) == {"T_cell"} and len(pool.x) == int((a.obs["perturbation"] == "control").sum())
+    with pytest.raises(DataError, match="obs has no column 'context'"):
+        controls_from_h5ad(str(tmp_path / "noctx.h5ad"), foundation.genes, norm, ["T_cell"], OPTS, batch_col=None)
+    (tmp_path / "c.csv").write_text("perturbation,n_cells\nIL2,5\n")
+    conds = read_conditions(str(tmp_path / "c.csv"), OPTS, only_context="T_cell")
+    assert conds["context"].tolist() == ["T_cell"]
+    with pytest.raises(DataError, match="conditions need columns \\['context'\\]"):
+        read_conditions(str(tmp_path / "c.csv"), OPTS)

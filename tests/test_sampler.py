@@ -21,6 +21,7 @@ KW = dict(contexts=["A", "B", "C"], batches=["p1", "p2"], perts=["d1", "d2", "d3
 
 
 def sampler(cond, split=TRAIN, eval_mode=False, **kw) -> SetSampler:
+    kw.setdefault("include_controls", False)  # perturbed targets only (the default adds the controls)
     cfg = DataConfig(store="unused", set_size=kw.pop("set_size", M), **kw)
     labels = assign_splits(cond, cfg.split)
     return SetSampler(cond, labels, cfg, split, eval_mode=eval_mode, log=lambda m: None)
@@ -138,7 +139,8 @@ def test_proportional_respects_split():
     from perturbdiff.config import HoldoutRule
 
     cond = make_conditions(**KW, seed=4)
-    cfg = DataConfig(store="unused", set_size=M, split=SplitConfig(test=[HoldoutRule(perturbations=["d2"])]))
+    cfg = DataConfig(store="unused", set_size=M, include_controls=False,
+                     split=SplitConfig(test=[HoldoutRule(perturbations=["d2"])]))
     labels = assign_splits(cond, cfg.split)
     s = SetSampler(cond, labels, cfg, TRAIN, log=lambda m: None)
     got = np.concatenate([x.rows for x in all_sets(s, 0)])

@@ -233,13 +233,13 @@ def test_no_test_row_in_any_training_batch(tahoe_store, workers):
         assert not np.isin(r, held_rows).any()
         assert not np.isin(c, held_rows).any()
         assert np.isin(c, ctrl_rows).all()
-        assert (labels[batch["group"].numpy()] == TRAIN).all()
+        assert np.isin(labels[batch["group"].numpy()], [TRAIN, CONTROL]).all()  # controls are targets too
         seen.append(r)
         seen_ctrl.append(c)
     assert nb == len(train) > 0
     seen = np.concatenate(seen)
-    # proportional sampling without drop_last: every train cell exactly once
-    np.testing.assert_array_equal(np.sort(seen), train_rows)
+    # proportional sampling without drop_last: every train and control cell exactly once as a target
+    np.testing.assert_array_equal(np.sort(seen), np.sort(np.concatenate([train_rows, ctrl_rows])))
     # evaluation loader of the test split reads only the held-out cells, each once
     test = SetLoader(data_cfg(tahoe_store, split=split, num_workers=workers), "test", rank=0, world=1)
     rows = np.concatenate([b["rows"][b["mask"]].numpy() for b in test])

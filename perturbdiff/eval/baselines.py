@@ -494,22 +494,40 @@ def fit_linear(deltas: np.ndarray, perturbations: Sequence[str], n_components: i
 
 def predict_linear(train: ad.AnnData, conditions, controls: ad.AnnData, rng=None, *, control_label: str = "control",
                    n_components: int = 10, ridge: float = 0.01, perturbation_embedding: pd.DataFrame | None = None,
-                   context_offset: bool = False, n_samples: int = 1) -> ad.AnnData:
+                   context_offset: bool = False, context_from_controls: bool = False,
+                   n_samples: int = 1) -> ad.AnnData:
     """Ahlmann-Eltze et al. (2024) linear model on pseudobulk changes (see the module docstring):
     predicted cells = the context's resampled control cells + G W P[p] + b, clipped at 0. A perturbation
     with no training cells and no row in ``perturbation_embedding`` gets the mean effect b (noted).
 
     ``context_offset=True`` (an extension, not in Ahlmann-Eltze): b is per context (the mean change of
     the context's training conditions; the pooled b for a context without any, noted), which helps
-    when a held-out context's other perturbations are in training."""
+    when a held-out context's other perturbations are in training. ``context_from_controls=True``
+    (with ``context_offset``): a context without training conditions is represented by its own
+    control cells, as a convex combination of the training contexts (perturbdiff.eval.transfer), and
+    predicted with the same combination of their changes."""
+    from .transfer import ContextTransfer
+
     inp = _Inputs("linear", train, conditions, controls, control_label)
     model = fit_linear(inp.deltas, [p for _, p in inp.keys], n_components, ridge, perturbation_embedding, inp.notes,
                        contexts=[c for c, _ in inp.keys] if context_offset else None)
     cache: dict[tuple, np.ndarray] = {}
     fallback: set[str] = set()
+    transfer = None
+    if context_offset and context_from_controls:
+        own = [c for c in model.contexts if c in inp.ctrl_mean_train]
+        transfer = ContextTransfer({c: inp.ctrl_mean_train[c] for c in own},
+                                   {k: d for k, d in zip(inp.keys, inp.deltas) if k[0] in own}, model)
+        unseen = [c for c in sorted(set(inp.conditions["context"])) if c not in model.contexts]
+        for c in unseen:
+            w = transfer.weights(inp.control_mean(c), c)
+            inp.notes.append(f"context {c!r} (no training conditions) represented by its control cells as "
+                             + ", ".join(f"{v:.2f} x {k}" for k, v in w.items() if v > 0.005))
 
     def delta_of(c: str, p: str) -> np.ndarray:
         key = (c if context_offset else None, p)
+        if key not in cache and transfer is not None and c not in model.contexts:
+            cache[key] = transfer.delta(p, c, inp.control_mean(c))
         if key not in cache:
             cache[key], how = model(p, key[0])
             if how == "mean":
@@ -522,14 +540,15 @@ def predict_linear(train: ad.AnnData, conditions, controls: ad.AnnData, rng=None
         inp.notes.append(f"perturbation(s) {fb[:10]}{' ...' if len(fb) > 10 else ''} ({len(fb)}) have no embedding "
                          "(no training cells, or no row in perturbation_embedding): predicted with the mean effect "
                          f"over the training conditions{' of the context' if context_offset else ''}")
-    if context_offset:
+    if context_offset and transfer is None:
         no_own = sorted(set(inp.conditions["context"]) - set(model.contexts))
         if no_own:
             inp.notes.append(f"context(s) {no_own} have no training conditions: the pooled offset is used")
     return _assemble("linear", blocks, controls, train.var, control_label,
                      {"n_components": int(n_components), "ridge": float(ridge),
                       "embedding": "given" if perturbation_embedding is not None else "pca",
-                      "context_offset": bool(context_offset), "notes": _notes(inp.notes)})
+                      "context_offset": bool(context_offset), "context_from_controls": transfer is not None,
+                      "notes": _notes(inp.notes)})
 
 
 def predict_ceiling(real: ad.AnnData, conditions=None, controls: ad.AnnData | None = None, rng=None, *,

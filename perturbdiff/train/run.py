@@ -95,6 +95,12 @@ def build_trainer(cfg: RunConfig, mode: str, init: str | None, info: pdist.DistI
     train = build_loader(cfg.data, "train", log=quiet)
     val = build_loader(cfg.data, "val", log=lambda *a, **k: None)
     genes, vocabs = [str(g) for g in train.gene_ids], model_vocabularies(train, mode)
+    in_data = set(getattr(train, "numeric_names", None) or getattr(train, "group_numeric", {}))
+    absent = [c for c in cfg.model.numeric_covariates if c not in in_data]
+    if absent:  # no branch for a number the data do not have (it would only ever see its null token)
+        cfg.model.numeric_covariates = [c for c in cfg.model.numeric_covariates if c not in absent]
+        quiet(f"model.numeric_covariates: {absent} not in the data's numeric columns: no branch built for "
+              f"{'it' if len(absent) == 1 else 'them'}")
     features = None
     if cfg.model.perturbation_encoding == "table":
         if not cfg.model.perturbation_table:
