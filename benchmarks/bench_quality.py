@@ -1,6 +1,6 @@
 """Prediction quality on held-out data: the model, every baseline and the ceiling, over splits and seeds.
 
-    python benchmarks/bench_quality.py --out runs/bench/quality                  # everything (~40 min, 2 cores)
+    python benchmarks/bench_quality.py --out runs/bench/quality                  # everything (~30 min, 2 cores)
     python benchmarks/bench_quality.py --splits devel_unseen_context --seeds 0    # one split, one seed
 
 Each run is the held-out protocol in one command (``perturbdiff pipeline``: shard once, pretrain,
