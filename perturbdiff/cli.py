@@ -205,6 +205,8 @@ def cmd_report(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .decode import DECODES
+
     parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--missing-genes", choices=("error", "zero"), default="error")
-    p.add_argument("--decode", choices=("counts", "continuous"), default="counts",
+    p.add_argument("--decode", choices=DECODES, default="counts",
                    help="counts: generated cells as attainable counts at their context's library sizes (default); "
                         "continuous: the paper's output")
     p.add_argument("--seed", type=int, default=0)

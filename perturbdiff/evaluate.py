@@ -109,10 +109,8 @@ class Evaluation:
     summary: dict = field(default_factory=dict)
 
 
-def _layout(adata, path: Path, what: str, opts: EvaluateOptions | None):
+def _layout(adata, path: Path, what: str, opts: EvaluateOptions):
     """The user's obs columns under the evaluation layout's names (perturbation, context, batch)."""
-    if opts is None:
-        return adata
     obs = adata.obs
     for want, col in (("perturbation", opts.pert_col), ("context", opts.context_col), ("batch", opts.batch_col)):
         if col is None or col == want:
@@ -133,7 +131,7 @@ def _layout(adata, path: Path, what: str, opts: EvaluateOptions | None):
     return adata
 
 
-def _read(path: str | Path, what: str, opts: EvaluateOptions | None = None):
+def _read(path: str | Path, what: str, opts: EvaluateOptions):
     import anndata as ad
 
     path = Path(path)

@@ -119,15 +119,14 @@ def build_store(cfg: RunConfig, overwrite: bool, stage: Stages, sources: str | N
           f"{summary['arrays_checked']} checksums verified")
 
 
-def check_split(cfg: RunConfig) -> None:
+def check_split(cfg: RunConfig, store, labels: np.ndarray) -> None:
     """The held-out protocol, checked on the store BEFORE any training: the test split has cells,
     every test context has control cells (prediction is conditioned on them), and training keeps some
-    perturbed groups. Prints what is held out, and which test contexts are unseen in training."""
-    from .data.splits import TEST, TRAIN, assign_splits
-    from .data.store import CellStore
+    perturbed groups. Prints what is held out, and which test contexts are unseen in training.
+    ``labels``: the split of every group of ``store`` (perturbdiff.data.splits.assign_splits)."""
+    from .data.splits import TEST, TRAIN
 
-    cond = CellStore(cfg.data.store).conditions
-    labels = assign_splits(cond, cfg.data.split, log=lambda *a: None)
+    cond = store.conditions
     nonempty = (cond["n"] > 0).to_numpy()
     test = cond[(labels == TEST) & nonempty]
     if test.empty:
@@ -150,7 +149,8 @@ def check_split(cfg: RunConfig) -> None:
           + (f"; perturbation(s) without training cells: {new_perts[:6]}" if new_perts else ""))
 
 
-def training_panel(cfg: RunConfig, out: Path, cells_per_group: int = 500, log=print) -> None:
+def training_panel(cfg: RunConfig, out: Path, store, labels: np.ndarray, cells_per_group: int = 500,
+                   log=print) -> None:
     """``data.panel`` kind hvg: the top ``num_genes`` highly variable genes of the TRAINING and control
     cells (up to ``cells_per_group`` of each group, seeded), not of every cell of the store, so the
     held-out cells do not choose the genes. Written to ``out/panel_genes.txt`` (vocabulary order) and
@@ -159,13 +159,10 @@ def training_panel(cfg: RunConfig, out: Path, cells_per_group: int = 500, log=pr
     from data_sharding.parts import gene_stats
     from .config import PanelConfig
     from .data.schema import VALUES_COUNTS
-    from .data.splits import CONTROL, TRAIN, assign_splits
-    from .data.store import CellStore
+    from .data.splits import CONTROL, TRAIN
 
-    store = CellStore(cfg.data.store)
     k = min(cfg.data.panel.num_genes, store.num_genes)
     cond = store.conditions
-    labels = assign_splits(cond, cfg.data.split, log=lambda *a: None)
     keep = cond[np.isin(labels, [TRAIN, CONTROL]) & (cond["n"] > 0).to_numpy()]
     rng = np.random.default_rng([cfg.data.seed, 43])
     rows = np.sort(np.concatenate([rng.choice(np.arange(s, s + n), min(n, cells_per_group), replace=False)
@@ -278,6 +275,9 @@ def run_pipeline(cfg: RunConfig, overwrite: bool = False, synthetic: bool = Fals
 
 
 def _run_pipeline(cfg: RunConfig, out: Path, overwrite: bool, synthetic: bool, stage: Stages, t0: float) -> Path:
+    from .data.splits import assign_splits
+    from .data.store import CellStore
+
     sources = None
     if synthetic:
         overwrite = synthesise(cfg, overwrite, stage) or overwrite
@@ -287,9 +287,11 @@ def _run_pipeline(cfg: RunConfig, out: Path, overwrite: bool, synthetic: bool, s
                           "e.g. data.split.test=[{contexts: [U87MG], perturbations: [MAPK1]}]")
     save_config(cfg, out)
     build_store(cfg, overwrite, stage, sources)
-    check_split(cfg)  # an empty or unpredictable test split fails here, not after training
+    store = CellStore(cfg.data.store)
+    labels = assign_splits(store.conditions, cfg.data.split, log=lambda *a: None)
+    check_split(cfg, store, labels)  # an empty or unpredictable test split fails here, not after training
     if cfg.pipeline.panel_from_training and cfg.data.panel.kind == "hvg":
-        training_panel(cfg, out)
+        training_panel(cfg, out, store, labels)
         save_config(cfg, out)  # the config that trains names the panel file
     foundation = train_stages(cfg, overwrite, stage)
     pred_dir = predict_stage(cfg, foundation, stage)

@@ -129,8 +129,9 @@ def controls_from_store(store_path: str, genes: list[str], normalize: NormalizeC
         batches = np.concatenate([[b] * n for b, n in zip(groups["batch"], groups["n"])])
         pick = _sample(np.arange(len(rows)), opts.max_controls, rng)
         indptr, indices, data = store.read_csr(rows[pick])
-        xs.append(to_dense(indptr, indices, data, panel_map, len(genes), normalize, store.value_kind))
         lib.append(library_sizes(indptr, data, store.value_kind, normalize))
+        totals = lib[-1] if store.value_kind == VALUES_COUNTS else None  # the row sums, computed once
+        xs.append(to_dense(indptr, indices, data, panel_map, len(genes), normalize, store.value_kind, totals))
         ctx.append(np.full(len(pick), context))
         bat.append(batches[pick].astype(str))
     return ControlPool(np.concatenate(xs), np.concatenate(ctx), np.concatenate(bat), str(store_path), notes,

@@ -96,7 +96,9 @@ def test_the_pipeline_panel_is_chosen_on_training_cells_only(tmp_path, FLAVOR):
     cfg.data.panel.num_genes = 10
     cfg.data.split.test = [HoldoutRule(contexts=["B_cell"], perturbations=["IL2"])]
     said = []
-    training_panel(cfg, tmp_path, log=said.append)
+    from perturbdiff.data.splits import assign_splits
+
+    training_panel(cfg, tmp_path, cs, assign_splits(cs.conditions, cfg.data.split, log=quiet), log=said.append)
     genes = (tmp_path / "panel_genes.txt").read_text().split()
     assert len(genes) == 10 and "G007" not in genes and genes == sorted(genes)
     assert genes != sorted(f"G{i:03d}" for i in cs.hvg_ranking()[:10])

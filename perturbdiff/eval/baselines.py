@@ -513,21 +513,20 @@ def predict_linear(train: ad.AnnData, conditions, controls: ad.AnnData, rng=None
                        contexts=[c for c, _ in inp.keys] if context_offset else None)
     cache: dict[tuple, np.ndarray] = {}
     fallback: set[str] = set()
-    transfer = None
+    transfer, weights = None, {}
     if context_offset and context_from_controls:
         own = [c for c in model.contexts if c in inp.ctrl_mean_train]
         transfer = ContextTransfer({c: inp.ctrl_mean_train[c] for c in own},
                                    {k: d for k, d in zip(inp.keys, inp.deltas) if k[0] in own}, model)
-        unseen = [c for c in sorted(set(inp.conditions["context"])) if c not in model.contexts]
-        for c in unseen:
-            w = transfer.weights(inp.control_mean(c), c)
+        for c in sorted(set(inp.conditions["context"]) - set(model.contexts)):  # once per unseen context
+            weights[c] = transfer.weights(inp.control_mean(c))
             inp.notes.append(f"context {c!r} (no training conditions) represented by its control cells as "
-                             + ", ".join(f"{v:.2f} x {k}" for k, v in w.items() if v > 0.005))
+                             + ", ".join(f"{v:.2f} x {k}" for k, v in weights[c].items() if v > 0.005))
 
     def delta_of(c: str, p: str) -> np.ndarray:
         key = (c if context_offset else None, p)
-        if key not in cache and transfer is not None and c not in model.contexts:
-            cache[key] = transfer.delta(p, c, inp.control_mean(c))
+        if key not in cache and c in weights:
+            cache[key] = transfer.delta(p, weights[c])
         if key not in cache:
             cache[key], how = model(p, key[0])
             if how == "mean":

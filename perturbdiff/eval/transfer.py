@@ -48,16 +48,15 @@ class ContextTransfer:
         self.contexts = sorted(ctrl_means)
         self.basis = np.stack([ctrl_means[c] for c in self.contexts]) if self.contexts else None
         self.observed, self.model = observed, model
-        self._weights: dict[str, np.ndarray] = {}
 
-    def weights(self, target_ctrl_mean: np.ndarray, key: str) -> dict[str, float]:
-        if key not in self._weights:
-            self._weights[key] = simplex_weights(self.basis, target_ctrl_mean)
-        return dict(zip(self.contexts, self._weights[key].tolist()))
+    def weights(self, target_ctrl_mean: np.ndarray) -> dict[str, float]:
+        """{training context: weight} of a target context's control mean."""
+        return dict(zip(self.contexts, simplex_weights(self.basis, target_ctrl_mean).tolist()))
 
-    def delta(self, perturbation: str, target: str, target_ctrl_mean: np.ndarray) -> np.ndarray:
+    def delta(self, perturbation: str, weights: dict[str, float]) -> np.ndarray:
+        """[G] the weighted change under ``perturbation`` (measured where trained, else the model's)."""
         out = 0.0
-        for c, w in self.weights(target_ctrl_mean, target).items():
+        for c, w in weights.items():
             if w <= 0:
                 continue
             d = self.observed.get((c, perturbation))
