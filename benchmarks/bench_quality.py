@@ -7,8 +7,9 @@ Each run is the held-out protocol in one command (``perturbdiff pipeline``: shar
 fine-tune, predict the test split with the default counts decoding, evaluate beside the baselines),
 at a FIXED CPU budget per run: ``--pretrain-steps`` + ``--finetune-steps`` optimiser steps of
 8 sets (tiny MM-DiT), 3 sampled populations, 25 DDIM steps. The same fine-tuned model is then
-sampled again with the paper's continuous output (``decode=continuous``) and scored beside the
-perturbation-mean baseline, so the two decodings are compared on the same weights.
+sampled again with other sampling choices (``VARIANTS``: guidance w = 0 and 1, the paper's start
+from noise, its continuous output, and the previous default: from noise at w = 0) and scored beside
+the perturbation-mean baseline, so each choice is compared on the same weights.
 
 Splits (``--splits``):
 
@@ -42,6 +43,12 @@ SHARED9 = ["MAP2K3", "MAP2K6", "MAP3K21", "MAP4K3", "MAP4K5", "MAPK1", "PLK4", "
 METRICS = ("pearson_delta", "mae", "mse_delta", "discrimination_score_l1", "overlap_at_N", "energy_distance_u",
            "mmd2", "avg_score", "zero_frac_pred", "zero_frac_real", "subcount_frac_pred", "sd_ratio",
            "delta_norm_ratio", "max_pred", "de_nsig_counts_pred", "de_nsig_counts_real")
+
+
+# the default model (start=controls, guidance 0.5, counts) sampled again with other choices
+VARIANTS = {"model (w=0)": {"guidance": 0.0}, "model (w=1)": {"guidance": 1.0},
+            "model (noise start)": {"start": "noise"}, "model (continuous)": {"decode": "continuous"},
+            "model (noise start, w=0: the previous default)": {"start": "noise", "guidance": 0.0}}
 
 
 def split_overrides(split: str) -> tuple[list[str], list[str], bool]:
@@ -112,19 +119,20 @@ def run_one(split: str, seed: int, args, out: Path) -> dict:
         synthetic = False
     run_pipeline(cfg, overwrite=False, synthetic=synthetic)
     seconds = time.time() - t0
-    # the same weights, sampled with the paper's continuous output
+    # the same weights, sampled with the paper's choices one at a time
     found = load_foundation(run_dir / "finetune" / "foundation")
-    cont = run_dir / "predict_continuous"
-    opts = PredictOptions(n_samples=3, sample_steps=25, train_cells=args.train_cells, seed=seed, decode="continuous")
-    pred, real, train = predict_split(found, str(store), cfg.data.split, "test", cont, opts, log=lambda s: None,
-                                      overwrite=True)
-    ev_c = evaluate_files(pred, real, run_dir / "eval_continuous", train,
-                          EvaluateOptions(seed=seed, methods=("model", "perturbation_mean")), log=lambda s: None,
-                          overwrite=True)
     rows = _rows(run_dir / "eval")
-    rows += [{**r, "method": "model (continuous)"} for r in _rows(run_dir / "eval_continuous") if r["method"] == "model"]
+    for name, change in VARIANTS.items():
+        vdir = run_dir / ("variant_" + "_".join(f"{k}-{v}" for k, v in change.items()))
+        opts = PredictOptions(n_samples=3, sample_steps=25, train_cells=0, seed=seed, **change)
+        pred, real, *_ = predict_split(found, str(store), cfg.data.split, "test", vdir / "predict", opts,
+                                       log=lambda s: None, overwrite=True)
+        ev = evaluate_files(pred, real, vdir / "eval", run_dir / "predict" / "train.h5ad",
+                            EvaluateOptions(seed=seed, methods=("model", "perturbation_mean")), log=lambda s: None,
+                            overwrite=True)
+        rows += [{**r, "method": name} for r in _rows(vdir / "eval") if r["method"] == "model"]
     return {"split": split, "seed": seed, "seconds": seconds, "rows": rows,
-            "n_conditions": int(ev_c.metrics[ev_c.metrics["method"] == "model"].shape[0])}
+            "n_conditions": int(ev.metrics[ev.metrics["method"] == "model"].shape[0])}
 
 
 def _rows(eval_dir: Path) -> list[dict]:
@@ -150,7 +158,7 @@ def tables(results: list[dict], metrics=METRICS) -> str:
         runs = [r for r in results if r["split"] == split]
         df = pd.DataFrame([{**row, "seed": r["seed"]} for r in runs for row in r["rows"]])
         cols = [m for m in metrics if m in df.columns]
-        order = ["model", "model (continuous)", "control_mean", "perturbation_mean", "linear", "latent_shift",
+        order = ["model", *VARIANTS, "control_mean", "perturbation_mean", "linear", "latent_shift",
                  "ceiling"]
         lines += [f"\n### {split} ({len(runs)} seed(s), {runs[0]['n_conditions']} conditions, "
                   f"{np.mean([r['seconds'] for r in runs]):.0f} s per run)\n",

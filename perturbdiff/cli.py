@@ -123,7 +123,8 @@ def cmd_predict(args) -> None:
     opts = PredictOptions(n_cells=args.n_cells, n_samples=args.n_samples, sets_per_batch=args.sets_per_batch,
                           sample_steps=args.sample_steps, guidance=args.guidance, missing_genes=args.missing_genes,
                           control_label=args.control_label, seed=args.seed, device=args.device,
-                          train_cells=args.train_cells, max_cells=args.max_cells, decode=args.decode)
+                          train_cells=args.train_cells, max_cells=args.max_cells, decode=args.decode,
+                          start=args.start)
     info = pdist.init_distributed()  # under torchrun: the sets are split over the processes / GPUs
     try:
         _predict(args, opts, info)
@@ -206,6 +207,7 @@ def cmd_report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .decode import DECODES
+    from .config import STARTS
 
     parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -239,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", choices=DECODES, default="counts",
                    help="counts: generated cells as attainable counts at their context's library sizes (default); "
                         "continuous: the paper's output")
+    p.add_argument("--start", choices=STARTS, default=None,
+                   help="controls: each generated cell is a control cell of its context carried to the condition "
+                        "(a diffusion bridge); noise: from pure noise (the paper); default: the checkpoint's "
+                        "diffusion.start")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--train-cells", type=int, default=256,

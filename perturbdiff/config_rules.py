@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, HoldoutRule, RunConfig
+from .config import STARTS, ConfigError, HoldoutRule, RunConfig
 
 # ---------------------------------------------------------------------------------------------
 # Rules
@@ -274,6 +274,7 @@ RULES: dict[str, Rule] = {
     "diffusion.kme_impl": Choice(KME_IMPLS),
     "diffusion.sample_steps": POSITIVE_INT,
     "diffusion.respacing": Choice(("uniform", "released")),
+    "diffusion.start": Choice(STARTS),
     "diffusion.guidance": NON_NEGATIVE,  # w = 0: the conditional model alone
     "diffusion.cutoff": NON_NEGATIVE,  # expression is non-negative
     "diffusion.x0_max": POSITIVE,  # None: from data.normalize (the largest attainable value)

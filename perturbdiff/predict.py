@@ -35,7 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .config import NormalizeConfig
+from .config import STARTS, NormalizeConfig
 from .conditions import covariates, normalise_conditions
 from .data.schema import VALUES_COUNTS, VALUES_LOGNORM, DataError
 from .data.store import to_dense
@@ -61,6 +61,7 @@ class PredictOptions:
     # counts: every generated cell decoded to attainable values (integer counts at a library size of its
     # context's control cells, normalised as the data; perturbdiff.decode); continuous: the paper's output
     decode: str = "counts"
+    start: str | None = None  # controls | noise (None: the checkpoint's diffusion.start)
     control_label: str = "control"
     seed: int = 0
     device: str = "auto"
@@ -365,7 +366,7 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
     its own seed for its control draw and its x_T). Returns the path on rank 0, None elsewhere."""
     from .config import DiffusionConfig
     from .diffusion import SetDiffusion
-    from .diffusion.sampler import sample_sets
+    from .diffusion.sampler import bridge_sets, sample_sets
 
     extra = found.manifest.get("extra", {})
     normalize = NormalizeConfig(**extra.get("normalize", {}))
@@ -389,6 +390,9 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
         notes.append("decode=counts: the control cells' library sizes are unknown (log-normalised values without "
                      "log1p), so the continuous output is written")
     cov = covariates(conditions, found.vocabularies, model, notes, extra.get("numeric_in_data"))
+    cov_ctrl = control_covariates(cov, found, opts, notes)  # None: start from noise
+    if cov_ctrl is not None and steps < 2:
+        raise DataError(None, f"--sample-steps {steps}: starting from the controls needs at least 2 (or --start noise)")
     jobs = [(i, s, k, min(m, n - k)) for i, row in conditions.iterrows() for s in range(int(row["n_samples"]))
             for n in [int(row["n_cells"])] for k in range(0, n, m)]
     lo, hi = len(jobs) * rank // world, len(jobs) * (rank + 1) // world
@@ -416,11 +420,16 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
                 picks.append((seed, pick))
                 noise[j] = torch.randn(m, G, generator=torch.Generator().manual_seed(seed))
             idx = torch.tensor([i for i, _, _, _ in chunk])
-            out = sample_sets(model, diffusion, ctrl=torch.from_numpy(ctrl).to(device),
-                              ctrl_mask=torch.from_numpy(ctrl_mask).to(device),
-                              cov={k: v[idx].to(device) for k, v in cov.items()}, num_cells=m, num_samples=1,
-                              guidance=opts.guidance, sample_steps=opts.sample_steps, x0_max=x0_max,
-                              noise=noise)[:, 0]
+            ctrl_t, ctrl_mask_t = torch.from_numpy(ctrl).to(device), torch.from_numpy(ctrl_mask).to(device)
+            cov_j = {k: v[idx].to(device) for k, v in cov.items()}
+            kw = dict(ctrl=ctrl_t, ctrl_mask=ctrl_mask_t, cov=cov_j, guidance=opts.guidance,
+                      sample_steps=opts.sample_steps, x0_max=x0_max)
+            if cov_ctrl is not None:  # cell c of set j is control pick[c % n] plus the model's response for it
+                source = torch.from_numpy(np.stack([pool.x[np.resize(pick, m)] for _, pick in picks])).to(device)
+                out = bridge_sets(model, diffusion, source, source_cov={k: v[idx].to(device) for k, v in
+                                                                        cov_ctrl.items()}, noise=noise.to(device), **kw)
+            else:
+                out = sample_sets(model, diffusion, num_cells=m, num_samples=1, noise=noise, **kw)[:, 0]
             out = out.float().cpu().numpy()
             for j, (i, s, _, n) in enumerate(chunk):
                 row = conditions.iloc[i]
@@ -434,6 +443,7 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
             log(f"  predicted {min(start + B, hi) - lo}/{hi - lo} sets" + (f" on rank {rank}" if world > 1 else ""))
         uns = {"perturbdiff": {"notes": notes, "set_size": m, "control_label": opts.control_label,
                                "decode": "counts" if counts else "continuous",
+                               "start": "noise" if cov_ctrl is None else "controls",
                                "sample_steps": opts.sample_steps or diffusion.cfg.sample_steps, "processes": world}}
         if world == 1:
             append_controls(writer, pool, normalize, opts)
@@ -451,6 +461,32 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
         for note in notes:
             log(f"  note: {note}")
     return path
+
+
+def control_covariates(cov: dict, found, opts: PredictOptions, notes: list[str]) -> dict | None:
+    """The covariates of the conditions' controls (each condition's context and batch, the control
+    perturbation, the controls' numeric values), under which its control cells are inverted; None
+    when the populations start from noise (asked for, or no control perturbation is known)."""
+    extra = found.manifest.get("extra", {})
+    start = opts.start or extra.get("diffusion", {}).get("start", "noise")
+    if start not in STARTS:
+        raise DataError(None, f"--start {start!r}: must be one of {', '.join(STARTS)}")
+    if start == "noise":
+        return None
+    vocab = found.vocabularies.get("perturbation", [])
+    labels = [p for p in extra.get("control_perturbations", [opts.control_label]) if p in vocab]
+    if "perturbation" not in cov or not labels:
+        notes.append("start=controls needs a model with a perturbation branch that learned the control "
+                     "perturbation; the populations start from noise")
+        return None
+    label = opts.control_label if opts.control_label in labels else labels[0]
+    if len(labels) > 1:
+        notes.append(f"start=controls: controls inverted as perturbation {label!r} (of {labels})")
+    out = dict(cov, perturbation=torch.full_like(cov["perturbation"], vocab.index(label)))
+    for name, value in extra.get("control_numeric", {}).items():
+        if f"num_{name}" in out:
+            out[f"num_{name}"] = torch.full_like(out[f"num_{name}"], float("nan") if value is None else value)
+    return out
 
 
 def _join_parts(out_path: Path, genes: list[str], world: int, pool: ControlPool, normalize: NormalizeConfig,

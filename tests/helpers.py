@@ -559,7 +559,8 @@ def random_foundation(store: Path, out: Path, split, set_size: int = 8, noise: f
             p.add_(noise * torch.randn_like(p))
     extra = {"set_size": set_size, "normalize": dataclasses.asdict(NormalizeConfig()),
              "diffusion": dataclasses.asdict(DiffusionConfig(kme_impl="torch", steps=50)),
-             "numeric_in_data": sorted(loader.group_numeric)}
+             "numeric_in_data": sorted(loader.group_numeric),
+             "control_perturbations": loader.control_perturbations, "control_numeric": loader.control_numeric}
     save_foundation(out, model.state_dict(), model_cfg=cfg, genes=list(loader.gene_ids), vocabularies=vocabs,
                     extra=extra)
     return out

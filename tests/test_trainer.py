@@ -94,6 +94,9 @@ def test_resume_equals_uninterrupted(store, tmp_path):
     a = load_foundation(tmp_path / "full" / "foundation").state_dict
     b = load_foundation(tmp_path / "part" / "foundation").state_dict
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # EMA included
+    extra = load_foundation(tmp_path / "full" / "foundation").manifest["extra"]
+    assert extra["control_perturbations"] == ["control"]  # predict inverts the controls under it
+    assert set(extra["control_numeric"]) == set(extra["numeric_in_data"])
 
 
 def test_crash_during_save_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):

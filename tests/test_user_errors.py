@@ -80,6 +80,7 @@ PREDICT_CASES = [
     ("no_cuda", GOOD, ["--device", "cuda"], "no CUDA device"),
     ("bad_device", GOOD, ["--device", "tpu9"], "is not a device"),
     ("conditions_not_found", None, ["--conditions", "nowhere.csv"], "nowhere.csv: conditions file not found"),
+    ("one_step_from_controls", GOOD, ["--sample-steps", "1"], "--sample-steps 1: starting from the controls needs"),
 ]
 
 

@@ -193,6 +193,22 @@ class SetLoader(ResumableLoader):
         """Names of the context, batch and perturbation codes of a batch (the store's categories)."""
         return {c: [str(n) for n in self.store.categories(c)] for c in ("context", "batch", "perturbation")}
 
+    @property
+    def control_perturbations(self) -> list[str]:
+        """The perturbation labels of the store's control groups (each a perturbation code)."""
+        cond = self.store.conditions
+        return sorted({str(p) for p in cond.loc[cond["is_control"], "perturbation"]})
+
+    @property
+    def control_numeric(self) -> dict[str, float | None]:
+        """Each numeric covariate's median over the control groups (None where they have none: its null token)."""
+        ctrl = self.store.conditions["is_control"].to_numpy(bool)
+        out = {}
+        for name, v in self.group_numeric.items():
+            v = v[ctrl]
+            out[name] = float(np.median(v[np.isfinite(v)])) if np.isfinite(v).any() else None
+        return out
+
     # ---- iteration ----------------------------------------------------------------------------
 
     def _dataset(self, epoch: int, first: int) -> IterableDataset:

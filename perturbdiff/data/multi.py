@@ -201,6 +201,21 @@ class MultiSetLoader(ResumableLoader):
         """Union names of context, batch ("<dataset>/<batch>"), perturbation and dataset codes."""
         return {k: list(v) for k, v in self._vocab.items()}
 
+    @property
+    def control_perturbations(self) -> list[str]:
+        """The perturbation labels of every store's control groups."""
+        return sorted({p for sub in self.loaders for p in sub.control_perturbations})
+
+    @property
+    def control_numeric(self) -> dict[str, float | None]:
+        """Each numeric covariate's control value (the first store's that has one)."""
+        out: dict[str, float | None] = {}
+        for sub in self.loaders:
+            for name, v in sub.control_numeric.items():
+                if out.get(name) is None:
+                    out[name] = v
+        return out
+
     # ---- sizes and schedule -------------------------------------------------------------------
 
     def schedule(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,8 +5,8 @@ guidance and losses lives here.
 """
 
 from .objective import LossTerms, SetDiffusion, covariates_from_batch
-from .sampler import sample_sets
+from .sampler import bridge_sets, invert_sets, sample_sets
 from .schedule import NoiseSchedule, respaced_timesteps
 
-__all__ = ["LossTerms", "NoiseSchedule", "SetDiffusion", "covariates_from_batch", "respaced_timesteps",
-           "sample_sets"]
+__all__ = ["LossTerms", "NoiseSchedule", "SetDiffusion", "bridge_sets", "covariates_from_batch", "invert_sets",
+           "respaced_timesteps", "sample_sets"]

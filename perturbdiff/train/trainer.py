@@ -326,6 +326,9 @@ class Trainer:
                      "datasets": self.vocabularies.get("dataset", []), "set_size": self.cfg.data.set_size,
                      "normalize": dataclasses.asdict(self.cfg.data.normalize),
                      "diffusion": dataclasses.asdict(self.cfg.diffusion),
+                     # the perturbation labels of control cells (predict inverts controls under them)
+                     "control_perturbations": list(getattr(self.train_loader, "control_perturbations", [])),
+                     "control_numeric": dict(getattr(self.train_loader, "control_numeric", {})),
                      # numeric covariates the training data had (predict requires them of conditions)
                      "numeric_in_data": sorted(getattr(self.train_loader, "numeric_names", None)
                                                or getattr(self.train_loader, "group_numeric", {}))}
