@@ -421,13 +421,15 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
                 noise[j] = torch.randn(m, G, generator=torch.Generator().manual_seed(seed))
             idx = torch.tensor([i for i, _, _, _ in chunk])
             ctrl_t, ctrl_mask_t = torch.from_numpy(ctrl).to(device), torch.from_numpy(ctrl_mask).to(device)
-            cov_j = {k: v[idx].to(device) for k, v in cov.items()}
-            kw = dict(ctrl=ctrl_t, ctrl_mask=ctrl_mask_t, cov=cov_j, guidance=opts.guidance,
+
+            def rows_of(c: dict, idx=idx) -> dict:  # the chunk's rows of [C] covariates, on the device
+                return {k: v[idx].to(device) for k, v in c.items()}
+
+            kw = dict(ctrl=ctrl_t, ctrl_mask=ctrl_mask_t, cov=rows_of(cov), guidance=opts.guidance,
                       sample_steps=opts.sample_steps, x0_max=x0_max)
             if cov_ctrl is not None:  # cell c of set j is control pick[c % n] plus the model's response for it
                 source = torch.from_numpy(np.stack([pool.x[np.resize(pick, m)] for _, pick in picks])).to(device)
-                out = bridge_sets(model, diffusion, source, source_cov={k: v[idx].to(device) for k, v in
-                                                                        cov_ctrl.items()}, noise=noise.to(device), **kw)
+                out = bridge_sets(model, diffusion, source, source_cov=rows_of(cov_ctrl), noise=noise, **kw)
             else:
                 out = sample_sets(model, diffusion, num_cells=m, num_samples=1, noise=noise, **kw)[:, 0]
             out = out.float().cpu().numpy()

@@ -42,6 +42,17 @@ def _clamp(x0: torch.Tensor, cutoff: float, x0_max: float | None) -> torch.Tenso
     return x0 if x0_max is None else x0.clamp(max=x0_max)
 
 
+def _start_noise(shape: tuple, noise: torch.Tensor | None, generator: torch.Generator | None, device, dtype,
+                 what: str) -> torch.Tensor:
+    """``noise`` checked against ``shape`` (``what`` names it in the error), or a draw from ``generator``."""
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise ValueError(f"noise must be {what}, got {list(noise.shape)}")
+        return noise.to(device, dtype)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device, dtype)
+
+
 def _repeat(v: torch.Tensor | None, times: int) -> torch.Tensor | None:
     return None if v is None else v.repeat_interleave(times, dim=0)
 
@@ -80,13 +91,8 @@ def sample_sets(model, diffusion: SetDiffusion, *, ctrl: torch.Tensor, ctrl_mask
                   cov={k: v.repeat(halves) for k, v in cov_s.items()},
                   drop_cov=torch.arange(halves * B * S, device=device) >= B * S)  # second half: no covariates
 
-    if noise is not None:
-        if tuple(noise.shape) != (B * S, num_cells, G):
-            raise ValueError(f"noise must be [B * S, m, G] = {[B * S, num_cells, G]}, got {list(noise.shape)}")
-        x = noise.to(device, dtype)  # x_T
-    else:
-        gen_device = generator.device if generator is not None else device
-        x = torch.randn(B * S, num_cells, G, generator=generator, device=gen_device).to(device, dtype)  # x_T
+    x = _start_noise((B * S, num_cells, G), noise, generator, device, dtype,
+                     f"[B * S, m, G] = {[B * S, num_cells, G]}")  # x_T
     sched = diffusion.schedule
     x0 = torch.zeros_like(x)
     for i, t_now in enumerate(steps):
@@ -128,13 +134,7 @@ def invert_sets(model, diffusion: SetDiffusion, x0: torch.Tensor, *, ctrl: torch
     if len(steps) < 2:
         raise ValueError("inverting a set needs at least 2 sampling steps")
     sched, device, dtype = diffusion.schedule, x0.device, x0.dtype
-    if noise is not None:
-        if noise.shape != x0.shape:
-            raise ValueError(f"noise must be shaped like x0 {list(x0.shape)}, got {list(noise.shape)}")
-        eps = noise.to(device, dtype)
-    else:
-        gen_device = generator.device if generator is not None else device
-        eps = torch.randn(x0.shape, generator=generator, device=gen_device).to(device, dtype)
+    eps = _start_noise(tuple(x0.shape), noise, generator, device, dtype, f"shaped like x0 {list(x0.shape)}")
     x = sched.q_sample(x0, torch.full((B,), steps[1], dtype=torch.long, device=device), eps)
     kwargs = dict(mask=torch.ones(B, m, dtype=torch.bool, device=device), ctrl=ctrl, ctrl_mask=ctrl_mask.bool(),
                   cov=cov, drop_cov=torch.zeros(B, dtype=torch.bool, device=device))
@@ -165,5 +165,4 @@ def bridge_sets(model, diffusion: SetDiffusion, source: torch.Tensor, *, ctrl: t
     m = source.shape[1]
     target, recon = (sample_sets(model, diffusion, ctrl=ctrl, ctrl_mask=ctrl_mask, cov=c, num_cells=m, noise=x_T,
                                  guidance=guidance, **steps)[:, 0] for c in (cov, source_cov))
-    out = (source + target - recon).clamp(min=0.0)
-    return out if x0_max is None else out.clamp(max=x0_max)
+    return _clamp(source + target - recon, 0.0, x0_max)
