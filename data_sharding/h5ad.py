@@ -32,7 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from perturbdiff.config import ShardConfig
-from perturbdiff.data.schema import VALUES_COUNTS, VALUES_LOGNORM, DataError
+from perturbdiff.data.schema import IMPLICIT_LABEL, VALUES_COUNTS, VALUES_LOGNORM, DataError
 
 from .convert import Plan, check_values
 from .parts import PartData
@@ -358,8 +358,8 @@ def convert_task(task: dict, shared: dict) -> PartData:
                 numeric[c] = np.asarray(v, dtype=np.float64)
             else:
                 categorical[c] = np.asarray(v).astype(str)
-        groups = {"context": obs(cols["context"], "all").astype(str),
-                  "batch": obs(cols["batch"], "all").astype(str),
+        groups = {"context": obs(cols["context"], IMPLICIT_LABEL).astype(str),
+                  "batch": obs(cols["batch"], IMPLICIT_LABEL).astype(str),
                   "perturbation": obs(cols["perturbation"], "").astype(str)}
     return PartData(indptr=indptr, indices=m.indices.astype(np.int32), data=data, groups=groups,
                     cell_id=np.asarray(cell_id).astype(str), categorical=categorical, numeric=numeric,

@@ -332,6 +332,9 @@ class PipelineConfig:
     n_samples: int = 3  # sampled populations per held-out condition (calibration needs >= 2)
     sample_steps: Optional[int] = None  # DDIM steps for prediction (None: diffusion.sample_steps)
     train_cells: int = 256  # training cells per group sampled for the baselines
+    # the truth from a second h5ad (perturbdiff/heldout.py): its perturbed groups are predicted and
+    # scored, its controls condition them; None: the store's data.split.test groups
+    test_h5ad: Optional[str] = None
     # data.panel kind hvg: the genes chosen on the training and control cells only (the test cells take no part)
     panel_from_training: bool = True
     decode: str = "counts"  # counts (attainable counts, perturbdiff/decode.py) | continuous (the paper's output)

@@ -320,7 +320,7 @@ FREE: frozenset[str] = frozenset({
     "shard.inputs", "shard.metadata_dir", "shard.out", "shard.dataset", "shard.perturbation_col",
     "shard.context_col", "shard.batch_col", "shard.control_label", "shard.cell_id_col", "shard.extra_obs",
     "shard.gene_symbol_col", "shard.control_drug",
-    "data.store", "data.stores", "data.panel.genes_file",
+    "data.store", "data.stores", "data.panel.genes_file", "pipeline.test_h5ad",
     "wds.out", "model.perturbation_table",
 })
 

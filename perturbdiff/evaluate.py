@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data.schema import DataError
+from .data.schema import IMPLICIT_LABEL, DataError
 from .eval.fidelity import FIDELITY_COLUMNS, LOG1P_MAX, fidelity, scale_problems
 from .outputs import OutputLock, Staging, check_output, out_of_space, require_complete, space_error
 
@@ -126,7 +126,7 @@ def _layout(adata, path: Path, what: str, opts: EvaluateOptions):
     if opts.context_col is None:
         if "context" in obs.columns:
             obs = obs.rename(columns={"context": "context_orig"})
-        obs["context"] = "all"
+        obs["context"] = IMPLICIT_LABEL
     adata.obs = obs
     return adata
 

@@ -219,21 +219,30 @@ def train_stages(cfg: RunConfig, overwrite: bool, stage: Stages) -> Path:
     return Path(init)
 
 
-def predict_stage(cfg: RunConfig, foundation: Path, stage: Stages) -> Path:
+def predict_stage(cfg: RunConfig, foundation: Path, labels: np.ndarray, stage: Stages) -> Path:
+    from .heldout import predict_heldout
     from .predict import PredictOptions, predict_split
     from .train.checkpoint import load_foundation
 
     p = cfg.pipeline
     out = Path(cfg.out_dir) / "predict"
-    stage(f"predict the held-out (test) conditions: {p.n_samples} population(s) each, "
+    what = f"the conditions of {p.test_h5ad}" if p.test_h5ad else "the held-out (test) conditions"
+    stage(f"predict {what}: {p.n_samples} population(s) each, "
           f"{p.sample_steps or cfg.diffusion.sample_steps} DDIM steps -> {out}")
     opts = PredictOptions(n_samples=p.n_samples, sample_steps=p.sample_steps, train_cells=p.train_cells,
                           decode=p.decode,
                           seed=cfg.train.seed)
     t0 = time.time()
-    paths = predict_split(load_foundation(foundation), cfg.data.store, cfg.data.split, "test", out, opts,
-                          log=lambda s: None if s.startswith("  predicted") else print(f"      {s.strip()}"),
-                          overwrite=True)  # the pipeline's own stage output, remade every run
+
+    def log(s: str) -> None:
+        if not s.startswith("  predicted"):
+            print(f"      {s.strip()}")
+
+    found = load_foundation(foundation)
+    if p.test_h5ad:
+        paths = predict_heldout(found, cfg, labels, out, opts, log=log, overwrite=True)
+    else:  # the pipeline's own stage output, remade every run
+        paths = predict_split(found, cfg.data.store, cfg.data.split, "test", out, opts, log=log, overwrite=True)
     print(f"      wrote {', '.join(q.name for q in paths)} in {time.time() - t0:.1f}s")
     return out
 
@@ -267,7 +276,8 @@ def run_pipeline(cfg: RunConfig, overwrite: bool = False, synthetic: bool = Fals
     t0 = time.time()
     stage = Stages(int(synthetic) + 1 + int(cfg.pipeline.pretrain_steps > 0) + 3 + int(cfg.pipeline.report))
     validate_config(cfg)  # also when the config was built in code, not loaded
-    out = check_output(cfg.out_dir, "pipeline", replaces=False, inputs=[*cfg.shard.inputs, cfg.shard.metadata_dir])
+    out = check_output(cfg.out_dir, "pipeline", replaces=False, inputs=[*cfg.shard.inputs, cfg.shard.metadata_dir,
+                                                                              cfg.pipeline.test_h5ad])
     with OutputLock(out, "pipeline directory"):
         if read_marker(out) is None:
             write_marker(out, "pipeline")
@@ -282,19 +292,25 @@ def _run_pipeline(cfg: RunConfig, out: Path, overwrite: bool, synthetic: bool, s
     if synthetic:
         overwrite = synthesise(cfg, overwrite, stage) or overwrite
         sources = cfg.synth.out_dir
-    if not cfg.data.split.test:
+    if not cfg.data.split.test and not cfg.pipeline.test_h5ad:
         raise ConfigError("data.split.test is empty: name the held-out conditions to predict and evaluate, "
-                          "e.g. data.split.test=[{contexts: [U87MG], perturbations: [MAPK1]}]")
+                          "e.g. data.split.test=[{contexts: [U87MG], perturbations: [MAPK1]}], or give their "
+                          "truth in a second file, pipeline.test_h5ad=held_out.h5ad")
     save_config(cfg, out)
     build_store(cfg, overwrite, stage, sources)
     store = CellStore(cfg.data.store)
     labels = assign_splits(store.conditions, cfg.data.split, log=lambda *a: None)
-    check_split(cfg, store, labels)  # an empty or unpredictable test split fails here, not after training
+    if cfg.pipeline.test_h5ad:  # the truth from a second h5ad; data.split.test rules only hold groups out
+        from .heldout import check_heldout
+
+        check_heldout(cfg, store, labels)
+    else:
+        check_split(cfg, store, labels)  # an empty or unpredictable test split fails here, not after training
     if cfg.pipeline.panel_from_training and cfg.data.panel.kind == "hvg":
         training_panel(cfg, out, store, labels)
         save_config(cfg, out)  # the config that trains names the panel file
     foundation = train_stages(cfg, overwrite, stage)
-    pred_dir = predict_stage(cfg, foundation, stage)
+    pred_dir = predict_stage(cfg, foundation, labels, stage)
     eval_dir = evaluate_stage(cfg, pred_dir, stage)
     report = report_stage(cfg, eval_dir, stage) if cfg.pipeline.report else None
     print(f"done in {time.time() - t0:.0f}s. Report: {report or eval_dir}")

@@ -140,10 +140,12 @@ def controls_from_store(store_path: str, genes: list[str], normalize: NormalizeC
 
 
 def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, contexts: list[str],
-                       opts: PredictOptions, *, pert_col: str = "perturbation", context_col: str = "context",
-                       batch_col: str | None = "batch", only_context: str | None = None) -> ControlPool:
+                       opts: PredictOptions, *, pert_col: str = "perturbation", context_col: str | None = "context",
+                       batch_col: str | None = "batch", only_context: str | None = None,
+                       no_batch: str = "batch") -> ControlPool:
     """Control cells of a user's h5ad (rows whose ``pert_col`` is the control label). ``only_context``:
-    the checkpoint's one context, given to every cell when obs has no ``context_col``."""
+    the checkpoint's one context, given to every cell when obs has no ``context_col``; ``no_batch``:
+    every cell's batch when ``batch_col`` is None."""
     import anndata as ad
 
     if not Path(path).is_file():
@@ -152,7 +154,7 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
         adata = ad.read_h5ad(path, backed="r")
     except Exception as err:  # noqa: BLE001 - h5py / anndata raise many kinds for a damaged file
         raise DataError(path, f"cannot read the controls h5ad (truncated or damaged?): {one_line(err)}") from None
-    implicit = only_context is not None and context_col not in adata.obs.columns
+    implicit = only_context is not None and (context_col is None or context_col not in adata.obs.columns)
     for col in (pert_col, *([] if implicit else [context_col]), *([batch_col] if batch_col else [])):
         if col not in adata.obs.columns:
             raise DataError(path, f"obs has no column {col!r} (columns: {list(adata.obs.columns)[:10]})")
@@ -161,7 +163,7 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
         raise DataError(path, f"no control cells: no obs[{pert_col!r}] equals {opts.control_label!r}")
     panel_map, notes = _gene_map(adata.var_names.to_numpy(), genes, opts.missing_genes, path)
     context = np.full(adata.n_obs, only_context) if implicit else adata.obs[context_col].astype(str).to_numpy()
-    batch = adata.obs[batch_col].astype(str).to_numpy() if batch_col else np.full(adata.n_obs, "batch")
+    batch = adata.obs[batch_col].astype(str).to_numpy() if batch_col else np.full(adata.n_obs, no_batch)
     rng = np.random.default_rng([opts.seed, 17])
     xs, ctx, bat, lib = [], [], [], []
     kind = None
@@ -170,21 +172,32 @@ def controls_from_h5ad(path: str, genes: list[str], normalize: NormalizeConfig, 
         if len(rows) == 0:
             raise DataError(path, f"no control cells for context {c!r} (empty control pool)")
         rows = _sample(rows, opts.max_controls, rng)
-        try:
-            X = sp.csr_matrix(adata.X[rows])
-        except Exception as err:  # noqa: BLE001 - a truncated X fails only when its rows are read
-            raise DataError(path, f"cannot read X rows of context {c!r} (truncated or damaged?): {one_line(err)}") \
-                from None
-        if kind is None:
-            kind = VALUES_COUNTS if np.array_equal(X.data, np.round(X.data)) else VALUES_LOGNORM
+        first = kind is None
+        x, sizes, kind = h5ad_rows(adata, path, rows, panel_map, len(genes), normalize, kind, f"context {c!r}")
+        if first:
             notes.append(f"{path}: values look like {'raw counts' if kind == VALUES_COUNTS else 'log-normalised'}")
-        totals = np.asarray(X.sum(axis=1)).ravel()
-        xs.append(to_dense(X.indptr, X.indices, X.data, panel_map, len(genes), normalize, kind, totals=totals))
-        lib.append(library_sizes(X.indptr, X.data, kind, normalize, totals if kind == VALUES_COUNTS else None))
+        xs.append(x)
+        lib.append(sizes)
         ctx.append(np.full(len(rows), c))
         bat.append(batch[rows])
     adata.file.close()
     return ControlPool(np.concatenate(xs), np.concatenate(ctx), np.concatenate(bat), path, notes, _libraries(lib))
+
+
+def h5ad_rows(adata, path: str, rows: np.ndarray, panel_map: np.ndarray, num_genes: int, normalize: NormalizeConfig,
+              kind: str | None, what: str) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Rows (sorted) of a backed h5ad's X on the checkpoint's genes, normalised as in training, with
+    their library sizes and the value kind (``kind`` None: detected here, integral values are counts)."""
+    try:
+        X = sp.csr_matrix(adata.X[rows])
+    except Exception as err:  # noqa: BLE001 - a truncated X fails only when its rows are read
+        raise DataError(path, f"cannot read X rows of {what} (truncated or damaged?): {one_line(err)}") from None
+    if kind is None:
+        kind = VALUES_COUNTS if np.array_equal(X.data, np.round(X.data)) else VALUES_LOGNORM
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    x = to_dense(X.indptr, X.indices, X.data, panel_map, num_genes, normalize, kind, totals=totals)
+    sizes = library_sizes(X.indptr, X.data, kind, normalize, totals if kind == VALUES_COUNTS else None)
+    return x, sizes, kind
 
 
 def _libraries(parts: list) -> np.ndarray | None:

@@ -15,6 +15,7 @@ import torch
 
 from perturbdiff.config import ModelConfig
 from perturbdiff.models import PRESETS, CovariateEncoder, MMDiT, build_model, load_perturbation_table, resolve_size
+from perturbdiff.models.covariates import UNSEEN_ID
 
 B, M, C, G = 3, 7, 9, 24
 VOCAB = {"context": 3, "batch": 4, "perturbation": 5}
@@ -252,6 +253,12 @@ def test_encoder_nulls():
     # NaN dose = missing dose: equal to leaving the dose out for that set
     assert_same(out[0], enc({"context": cov["context"]})[0])
     assert_same(enc(cov, torch.tensor([True, True])), null)
+    # UNSEEN_ID (a label the vocabulary lacks) = that set's context left out; the other set unchanged
+    unseen = enc({"context": torch.tensor([UNSEEN_ID, 2]), "num_dose": cov["num_dose"]})
+    assert_same(unseen[0], enc({"num_dose": cov["num_dose"]})[0])
+    assert_same(unseen[1], out[1])
+    with pytest.raises(ValueError, match=r"id -1 outside \[0, 3\)"):
+        enc({"context": torch.tensor([-1, 0])})
     with pytest.raises(ValueError, match="unknown categorical.*'plate'"):
         CovariateEncoder({"plate": 3}, width=16)
     with pytest.raises(ValueError, match="batch size"):

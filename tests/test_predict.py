@@ -132,11 +132,19 @@ def test_conditions_file_predicts_and_bad_conditions_are_named(tmp_path, foundat
     assert cells.to_dict() == {("IL2", 0): 5, ("IL2", 1): 5, ("TNF", 0): 11, ("TNF", 1): 11}
 
     for bad, match in (({"perturbation": ["NOPE"], "context": ["T_cell"]}, "perturbation 'NOPE' is neither"),
-                       ({"perturbation": ["IL2"], "context": ["Neuron"]}, "context 'Neuron' is not in")):
+                       ({"perturbation": ["IL2"], "context": ["Neuron"]}, "'Neuron'.*empty control pool")):
         pd.DataFrame(bad).to_csv(conds, index=False)
         with pytest.raises(DataError, match=match):
             predict(foundation, read_conditions(str(conds), OPTS), pool, tmp_path / "bad.h5ad", OPTS)
         assert not (tmp_path / "bad.h5ad").exists() and not (tmp_path / "bad.h5ad.partial").exists()
+    # a context the checkpoint never saw, with control cells: its null token, said; the cells predicted
+    unseen = dataclasses.replace(pool, context=np.where(pool.context == "T_cell", "Neuron", pool.context))
+    pd.DataFrame({"perturbation": ["IL2"], "context": ["Neuron"], "n_cells": [6]}).to_csv(conds, index=False)
+    said = []
+    out = ad.read_h5ad(predict(foundation, read_conditions(str(conds), OPTS), unseen, tmp_path / "n.h5ad", OPTS,
+                               log=said.append))
+    assert (out.obs.loc[~out.obs["is_control"].astype(bool), "context"] == "Neuron").sum() == 6 * OPTS.n_samples
+    assert any("['Neuron'] not in the checkpoint's context vocabulary" in s and "null token" in s for s in said)
     with pytest.raises(DataError, match="no control cells for context 'Neuron'"):
         controls_from_h5ad(str(path), foundation.genes, NormalizeConfig(), ["Neuron"], OPTS, batch_col=None)
     assert set(PERTS) >= {"IL2", "TNF"}

@@ -255,3 +255,18 @@ def test_truncated_resumable_checkpoint_is_a_clear_error(store, tmp_path):
     with pytest.raises(ValueError, match="model.safetensors: unreadable safetensors file, truncated"):
         t.resume(ckpt)
     t.close()
+
+
+def test_the_saved_config_is_the_one_that_trained(store, tmp_path):
+    """run() writes config.yaml after --init has replaced the architecture (and the data have removed
+    covariates they lack): the saved model section is the trained model's, not the command line's."""
+    from helpers import random_foundation
+    from perturbdiff.config import SplitConfig
+    from perturbdiff.train.run import run
+
+    found = random_foundation(store, tmp_path / "found", SplitConfig())  # a tiny foundation
+    cfg = make_cfg(store, tmp_path / "run", "model.size=small", "train.max_steps=1", "model.numeric_covariates=[dose]")
+    run(cfg, "finetune", str(found), log=quiet)
+    saved = load_config([str(tmp_path / "run" / "config.yaml")])
+    assert saved.model.size == "tiny" and saved.model.numeric_covariates == []
+    assert load_foundation(tmp_path / "run" / "foundation").model_cfg.size == "tiny"

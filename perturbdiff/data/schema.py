@@ -143,6 +143,7 @@ CONDITION_COLUMNS = (
 # Value kinds of X/data.
 VALUES_COUNTS = "counts"  # raw integer counts (stored as float32)
 VALUES_LOGNORM = "lognorm"  # log1p(normalize_total) values that could not be turned back into counts
+IMPLICIT_LABEL = "all"  # the context / batch of every cell of an h5ad sharded without that column
 
 DTYPES = {"indptr": "int64", "indices": "int32", "data": "float32"}
 

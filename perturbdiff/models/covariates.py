@@ -31,6 +31,9 @@ from torch import Tensor, nn
 
 CATEGORICAL = ("context", "batch", "dataset", "perturbation")
 ENCODINGS = ("id", "table")
+# a categorical id meaning "a label the vocabulary lacks": that set's NULL token. Not -1, which is what
+# a missing pandas category codes to, so that such a bug stays an error
+UNSEEN_ID = -(2**31)
 
 
 class CovariateEncoder(nn.Module):
@@ -122,8 +125,9 @@ class CovariateEncoder(nn.Module):
         """Embed the covariates of B sets.
 
         Args:
-            cov: ids as int64 [B] (0-based codes) under the categorical names, floats [B] under
-                ``num_<name>``; other keys are ignored; an absent key means NULL for every set.
+            cov: ids as int64 [B] (0-based codes; UNSEEN_ID: NULL for that set, a label the
+                vocabulary lacks) under the categorical names, floats [B] under ``num_<name>``;
+                other keys are ignored; an absent key means NULL for every set.
             drop: bool [B]; True replaces every covariate of that set with NULL (classifier-free
                 guidance).
             batch_size: B, needed only when neither ``drop`` nor any covariate is given.
@@ -185,10 +189,11 @@ class CovariateEncoder(nn.Module):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"covariate '{name}': expected integer ids, got {ids.dtype}")
         ids = ids.to(device=drop.device, dtype=torch.long)
-        bad = ~drop & ((ids < 0) | (ids >= size))
+        null = drop | (ids == UNSEEN_ID)
+        bad = ~null & ((ids < 0) | (ids >= size))
         if bad.any():  # an out-of-range id would be a device-side assert on GPU; say which one here
             raise ValueError(f"covariate '{name}': id {int(ids[bad][0])} outside [0, {size})")
-        return ids.masked_fill(drop, 0), drop
+        return ids.masked_fill(null, 0), null
 
     def _numeric(self, cov: Mapping[str, Tensor], name: str, drop: Tensor) -> tuple[Tensor, Tensor]:
         """Sanitised (log1p) values [B] (0 where NULL) and the NULL mask [B] of one numeric covariate."""

@@ -137,8 +137,9 @@ def run(cfg: RunConfig, mode: str, init: str | None = None, log=print) -> dict:
         pdist.seed_everything(cfg.train.seed, info.rank)
         if info.rank == 0:
             lock = claim_run_dir(cfg, init)
-            save_config(cfg, cfg.out_dir)
         trainer = build_trainer(cfg, mode, init, info, log)
+        if info.rank == 0:  # after build_trainer: --init's architecture and the data's covariates are in cfg
+            save_config(cfg, cfg.out_dir)
         path = resume_path(cfg)
         if path is not None:
             trainer.resume(path)
