@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start. Sets everything up in .venv (idempotent), then:
 #   bash run.sh main [key=value ...]   the main job on the embedded default
-#   bash run.sh test [pytest args ...] the test suite
+#   bash run.sh test [pytest args ...] the lint (ruff check, ruff.toml) and the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -28,6 +28,7 @@ cmd=${1:-main}
 shift || true
 case "$cmd" in
   main) setup; exec .venv/bin/perturbdiff demo "$@" ;;
-  test) setup; exec .venv/bin/python -m pytest -q tests "$@" ;;
+  test) setup; .venv/bin/ruff check --quiet . || { echo "ruff check failed (ruff.toml)" >&2; exit 1; }
+        exec .venv/bin/python -m pytest -q tests "$@" ;;
   *) echo "usage: bash run.sh main|test [args...]" >&2; exit 2 ;;
 esac

@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="Set-level diffusion over single-cell populations (PerturbDiff), at scale",
     python_requires=">=3.10",
-    packages=["perturbdiff", "perturbdiff.data", "perturbdiff.ops", "perturbdiff.models", "perturbdiff.diffusion", "perturbdiff.train", "perturbdiff.eval", "data_sharding", "perturbdiff_kernels"],
+    packages=["perturbdiff", "perturbdiff.data", "perturbdiff.ops", "perturbdiff.models", "perturbdiff.diffusion",
+              "perturbdiff.train", "perturbdiff.eval", "data_sharding", "perturbdiff_kernels"],
     package_dir={"perturbdiff_kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -31,7 +32,7 @@ setup(
     ],
     extras_require={
         "gpu": ["triton==3.6.0", "deepspeed>=0.15"],
-        "dev": ["pytest>=8", "triton==3.6.0", "deepspeed>=0.15"],
+        "dev": ["pytest>=8", "triton==3.6.0", "deepspeed>=0.15", "ruff==0.17.6"],  # ruff pinned: ruff.toml's rules
         # cell-eval 0.6.6 (the paper's pin) for the metric parity test; it needs these exact pdex and
         # polars versions (newer pdex removed a function it imports)
         "eval": ["cell-eval==0.6.6", "pdex==0.1.26", "polars==1.35.2", "threadpoolctl>=3"],

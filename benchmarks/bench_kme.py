@@ -384,7 +384,7 @@ def matmul_ceilings(sizes, dtypes, args) -> dict:
                     torch.bmm(a, b)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-                def timed_once():
+                def timed_once(a=a, b=b, start=start, end=end):
                     start.record()
                     torch.bmm(a, b)
                     end.record()
@@ -503,9 +503,9 @@ def print_tables(res) -> None:
 
 
 def _print_grid(lines) -> None:
-    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
-    for l in lines:
-        print("  ".join(v.rjust(w) for v, w in zip(l, widths)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def run(args) -> dict:
     for dtype in args.dtypes.split(","):
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
 
-        def step():
+        def step(amp=amp):
             with amp:
                 out = diffusion.loss(model, batch, gen)
             opt.zero_grad(set_to_none=True)

@@ -104,7 +104,7 @@ def worker(case: dict) -> dict:
     from perturbdiff.models import build_model
     from perturbdiff.ops.kme import resolve_impl
     from perturbdiff.train import distributed as pdist
-    from perturbdiff.train.engine import Engine
+    from perturbdiff.train.engine import create_engine
     from perturbdiff.train.monitor import mmdit_train_flops, peak_flops
 
     torch.set_num_threads(case["threads"])
@@ -121,7 +121,7 @@ def worker(case: dict) -> dict:
         diffusion = SetDiffusion(DiffusionConfig(kme_impl="auto"))
         ecfg = EngineConfig(backend=case["backend"], zero_stage=case["zero_stage"], precision=case["precision"],
                             activation_checkpointing=case["checkpointing"] == "on")
-        engine = Engine.create(model, ecfg, OptimConfig(), 10**6, device, micro_batch_sets=case["sets"])
+        engine = create_engine(model, ecfg, OptimConfig(), 10**6, device, micro_batch_sets=case["sets"])
         gen = torch.Generator(device=device).manual_seed(1000 + info.rank)
 
         def loss_fn(net, micro):
@@ -247,7 +247,7 @@ def run_config(case: dict, args) -> dict:
                 text, etext = out.read(), err.read()
                 out.close()
                 err.close()
-                res = [json.loads(l[7:]) for l in text.splitlines() if l.startswith("RESULT ")]
+                res = [json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")]
                 if res:
                     ranks.append(res[-1])
                 else:

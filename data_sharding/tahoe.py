@@ -1,6 +1,6 @@
 """Tahoe-100M parquet release -> store.
 
-Quirks handled (see perturbdiff/data/schema.py and ../shared/reference/data.md):
+Quirks handled (see perturbdiff/data/schema.py):
 - every row starts with a marker entry (gene token 1, value -2): checked and dropped;
 - gene token ids map to genes through ``gene_metadata.token_id``, never by offset arithmetic;
 - the dose is not in the expression rows: ``sample`` joins ``sample_metadata.drugname_drugconc``,

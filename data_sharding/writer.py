@@ -43,6 +43,7 @@ from .parts import PartReader
 # store-adjacent cells are random samples of the group; the set sampler reads sets as a few runs.
 SHUFFLE_WINDOW = 1 << 13
 SHUFFLE_SEED = 20260220
+MERGE_FAULT_ENV = "PERTURBDIFF_FAULT_MERGE"  # "<point>:<index>": the merge SIGKILLs itself there (fault tests)
 
 # Byte-shuffled LZ4 decompresses at GB/s, which is what random set reads need; zstd is ~2.5x
 # smaller on counts but ~3x slower to decode; none is the fastest to read.
@@ -359,7 +360,7 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
 
 
 def _fault_point(name: str, index: int) -> None:
-    """Test hook: ``PERTURBDIFF_FAULT=merge_block:1`` kills the process after that block."""
-    spec = os.environ.get("PERTURBDIFF_FAULT")
+    """Test hook: ``PERTURBDIFF_FAULT_MERGE=merge_block:1`` kills the process after that block."""
+    spec = os.environ.get(MERGE_FAULT_ENV)
     if spec and spec == f"{name}:{index}":
         os._exit(17)

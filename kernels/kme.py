@@ -221,7 +221,7 @@ def _tl_acc(dtype: torch.dtype):
 
 def _lowp(x: torch.Tensor) -> bool:
     """Dot products on the 16-bit tiles themselves: fp16 always, bf16 when compiled (the CPU
-    interpreter computes bf16 dots wrongly, see ../shared/reference/infra.md)."""
+    interpreter computes bf16 dots wrongly)."""
     return x.dtype == torch.float16 or (x.dtype == torch.bfloat16 and not INTERPRETED)
 
 

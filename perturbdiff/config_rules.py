@@ -1,4 +1,4 @@
-"""The rule every config value must follow, checked when a config is loaded (issue 11, item 7).
+"""The rule every config value must follow, checked when a config is loaded.
 
 Why: a bad value used to surface only when the code reading it ran, sometimes after training had
 started (keep_last=0 failed at the first checkpoint rotation), or never (max_steps=-5 exported an

@@ -68,7 +68,7 @@ HEADLINE = ("pearson_delta", "mae", "mse_delta", "discrimination_score_l1", "ove
             "de_spearman_lfc_sig", "r_squared", "energy_distance_u", "energy_distance_v", "mmd2")
 PROFILES = {
     "full": None,
-    # the metrics the PerturbDiff paper's tables report (reference/anchors.md section 2.4)
+    # the metrics the PerturbDiff paper's tables report
     "paper": ("pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "overlap_at_50",
               "overlap_at_100", "overlap_at_200", "precision_at_N", "de_direction_match", "de_spearman_lfc_sig",
               "de_spearman_sig", "roc_auc", "pr_auc", "r_squared"),

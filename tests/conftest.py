@@ -8,7 +8,7 @@ import sys
 import torch
 
 # Triton kernels run in the CPU interpreter when there is no GPU; this must be set before anything
-# imports triton (see ../shared/reference/infra.md).
+# imports triton.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path

@@ -22,7 +22,7 @@ from perturbdiff.config import DiffusionConfig, EngineConfig, ModelConfig, Optim
 from perturbdiff.diffusion import SetDiffusion
 from perturbdiff.models import build_model
 from perturbdiff.train.distributed import cleanup, init_distributed
-from perturbdiff.train.engine import Engine
+from perturbdiff.train.engine import Engine, create_engine
 
 SETS, M, G = 4, 6, 16  # global batch: sets, cells per set, genes
 VOCAB = {"context": 2, "perturbation": 6}
@@ -83,7 +83,7 @@ def make_engine(backend: str, seed: int, *, stage: int = 2, accum: int = 1, plai
         ocfg = OptimConfig(lr=1e-3, warmup_steps=2, grad_clip=0.5)
     if stage == 3 and backend == "deepspeed":
         overrides = {**Z3, **(overrides or {})}
-    return Engine.create(make_model(seed), ecfg, ocfg, max_steps, "cpu", micro_batch_sets=SETS // 2 // accum,
+    return create_engine(make_model(seed), ecfg, ocfg, max_steps, "cpu", micro_batch_sets=SETS // 2 // accum,
                          optimizer_factory=sgd if plain_sgd else None, ds_overrides=overrides)
 
 

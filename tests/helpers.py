@@ -564,3 +564,11 @@ def random_foundation(store: Path, out: Path, split, set_size: int = 8, noise: f
     save_foundation(out, model.state_dict(), model_cfg=cfg, genes=list(loader.gene_ids), vocabularies=vocabs,
                     extra=extra)
     return out
+
+
+def fresh_seed() -> int:
+    """A new random seed every run for the property tests, printed (pytest shows it beside a failure);
+    KME_TEST_SEED=N in the environment replays that run's inputs."""
+    seed = int(os.environ.get("KME_TEST_SEED") or np.random.default_rng().integers(1 << 30))
+    print(f"random inputs from seed {seed} (replay: KME_TEST_SEED={seed})")
+    return seed

@@ -1,4 +1,4 @@
-"""More bad inputs (issue 11, items 7 and 8): inputs `perturbdiff shard` used to accept silently.
+"""More bad inputs: inputs `perturbdiff shard` used to accept silently.
 
 Each case writes the bad source first, then expects a one-line DataError naming the file and the
 column / row / sample, and no store at <out> (``expect_error`` of test_bad_input.py). The rules

@@ -21,7 +21,7 @@ import torch.multiprocessing as tmp
 import engine_workers as ew
 from perturbdiff.config import EngineConfig, OptimConfig
 from perturbdiff.train import distributed as pdist
-from perturbdiff.train.engine import (DeepSpeedEngine, Engine, TorchEngine, enable_activation_checkpointing,
+from perturbdiff.train.engine import (DeepSpeedEngine, TorchEngine, create_engine, enable_activation_checkpointing,
                                       generate_deepspeed_config, resolve_precision)
 
 WORLD = 2
@@ -285,7 +285,7 @@ def test_generate_deepspeed_config():
 ])
 def test_engine_config_errors(changes, match):
     with pytest.raises(ValueError, match=match):
-        Engine.create(ew.make_model(0), EngineConfig(**changes), OptimConfig(), 10, "cpu")
+        create_engine(ew.make_model(0), EngineConfig(**changes), OptimConfig(), 10, "cpu")
 
 
 def test_zero_stage_error_from_config_generation():
@@ -296,7 +296,7 @@ def test_zero_stage_error_from_config_generation():
 def test_missing_deepspeed_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError
     with pytest.raises(ImportError, match="needs the deepspeed package.*backend=ddp"):
-        Engine.create(ew.make_model(0), EngineConfig(backend="deepspeed"), OptimConfig(), 10, "cpu")
+        create_engine(ew.make_model(0), EngineConfig(backend="deepspeed"), OptimConfig(), 10, "cpu")
 
 
 def test_ddp_backend_in_one_process_is_the_plain_module():

@@ -70,7 +70,7 @@ def make_pair(seed: int = 0, contexts=("A", "B"), pred_scale: float = 0.8, spars
         xs_p.append(ctrl)
         obs_r += [("control", ctx)] * N_CTRL
         obs_p += [("control", ctx)] * N_CTRL
-        for j, p in enumerate(perts):
+        for p in perts:
             rate = base * eff[p]
             if p in ("p0", "g5"):
                 rate[4] = 1.5

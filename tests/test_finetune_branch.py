@@ -13,7 +13,6 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pandas as pd
-import pytest
 
 from helpers import build_train_store
 from perturbdiff.config import load_config, resolve_paths

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import fresh_seed
 from perturbdiff.ops.kme_reference import KERNELS, kme, mmd2, pairwise_kernel
 
 BANDWIDTHS = (0.7, 1.9)
@@ -34,7 +35,7 @@ def _mmd2_loops(x: np.ndarray, y: np.ndarray, kernel: str, unbiased: bool) -> fl
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_mmd2_matches_explicit_double_loops(kernel, unbiased):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(fresh_seed())
     x, y = rng.normal(size=(2, 7, 5)), rng.normal(0.5, 1.3, size=(2, 9, 5))
     got = mmd2(torch.from_numpy(x), torch.from_numpy(y), kernel=kernel, bandwidths=BANDWIDTHS, unbiased=unbiased)
     want = [_mmd2_loops(x[b], y[b], kernel, unbiased) for b in range(2)]
@@ -42,7 +43,7 @@ def test_mmd2_matches_explicit_double_loops(kernel, unbiased):
 
 
 def test_energy_mmd_is_the_energy_distance():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(fresh_seed())
     x, y = rng.normal(size=(1, 11, 3)), rng.normal(1.0, 1.0, size=(1, 6, 3))
     exy = np.mean([np.linalg.norm(a - b) for a in x[0] for b in y[0]])
     exx = np.mean([np.linalg.norm(a - b) for a in x[0] for b in x[0]])
@@ -53,7 +54,7 @@ def test_energy_mmd_is_the_energy_distance():
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_kme_is_the_mean_kernel_over_x(kernel):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(fresh_seed())
     x, y = rng.normal(size=(3, 13, 4)), rng.normal(size=(3, 5, 4))
     got = kme(torch.from_numpy(x), torch.from_numpy(y), kernel=kernel, bandwidths=BANDWIDTHS).numpy()
     want = [[np.mean([_k(a, q, kernel) for a in x[b]]) for q in y[b]] for b in range(3)]
@@ -63,7 +64,7 @@ def test_kme_is_the_mean_kernel_over_x(kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_masked_sets_equal_trimmed_sets_even_with_nan_padding(kernel, unbiased):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(fresh_seed())
     B, N, M, D = 4, 10, 7, 6
     nx, ny = rng.integers(2, N + 1, B), rng.integers(2, M + 1, B)
     x = torch.from_numpy(rng.normal(size=(B, N, D))).requires_grad_()

@@ -2,7 +2,7 @@
 
 Runs in Triton's CPU interpreter when no GPU is present (tests/conftest.py sets TRITON_INTERPRET=1
 before triton is imported); on a GPU the same tests run the compiled kernels. Inputs are fresh random
-draws every run. Tolerances, relative to the largest reference magnitude:
+draws every run, their seed printed (KME_TEST_SEED replays one). Tolerances, relative to the largest reference magnitude:
     fp64 inputs  1e-10  (fp64 accumulation)
     fp32 inputs  2e-4   (fp32 accumulation of |a|^2 + |b|^2 - 2 a.b)
     fp16 / bf16  2e-3 / 5e-3 against the reference on the SAME rounded inputs (only accumulation differs);
@@ -11,10 +11,10 @@ draws every run. Tolerances, relative to the largest reference magnitude:
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from helpers import fresh_seed
 from perturbdiff.ops.kme_reference import KERNELS, pairwise_kernel
 from perturbdiff_kernels.kme import colsums, kernel_colsums, pair_grad
 
@@ -24,7 +24,7 @@ SHAPES = [(2, 37, 29, 19), (1, 70, 130, 67), (3, 1, 5, 4), (2, 65, 1, 3)]  # non
 
 
 def _gen() -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    return torch.Generator().manual_seed(fresh_seed())
 
 
 def _inputs(shape, dtype, gen):
@@ -106,7 +106,7 @@ def test_gradcheck_float64(kernel):
     # Full Jacobians for the cross pair; fast mode (random projections) for the self pairs.
     assert torch.autograd.gradcheck(lambda a, b: kernel_colsums(a, b, w, kernel, BANDWIDTHS), (a, b))
     for skip in (False, True):
-        assert torch.autograd.gradcheck(lambda a: kernel_colsums(a, None, w, kernel, BANDWIDTHS, skip), (a,),
+        assert torch.autograd.gradcheck(lambda a, skip=skip: kernel_colsums(a, None, w, kernel, BANDWIDTHS, skip), (a,),
                                         fast_mode=True)
 
 

@@ -89,7 +89,7 @@ def uninterrupted(stores, tmp_path_factory):
 def test_killed_rank_stops_the_job_and_the_restart_continues_exactly(stores, uninterrupted, tmp_path):
     args = [*COMMON, f"data.store={stores[0]}", f"out_dir={tmp_path}", "train.max_steps=8", "train.ckpt_every=3"]
     t0 = time.monotonic()
-    res = torchrun("finetune", args, extra_env={"PERTURBDIFF_FAULT": "1:5"})  # rank 1: SIGKILL before step 5
+    res = torchrun("finetune", args, extra_env={"PERTURBDIFF_FAULT_TRAIN": "1:5"})  # rank 1: SIGKILL before step 5
     assert res.returncode != 0, res.stdout[-3000:]
     assert time.monotonic() - t0 < 120
     steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

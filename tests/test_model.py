@@ -16,6 +16,7 @@ import torch
 from perturbdiff.config import ModelConfig
 from perturbdiff.models import PRESETS, CovariateEncoder, MMDiT, build_model, load_perturbation_table, resolve_size
 from perturbdiff.models.covariates import UNSEEN_ID
+from perturbdiff.train.transfer import swap_gene_panel
 
 B, M, C, G = 3, 7, 9, 24
 VOCAB = {"context": 3, "batch": 4, "perturbation": 5}
@@ -328,7 +329,7 @@ def test_swap_gene_panel_reorder_is_a_no_op():
     genes = [f"g{i}" for i in range(G)]
     out = run(model, inp)
     perm = torch.randperm(G, generator=torch.Generator().manual_seed(4))
-    report = model.swap_gene_panel(genes, [genes[i] for i in perm])
+    report = swap_gene_panel(model, genes, [genes[i] for i in perm])
     assert report == {"kept": G, "new": 0, "dropped": 0}
     out_p = run(model, inp, x_t=inp["x_t"][..., perm], self_cond=inp["self_cond"][..., perm],
                 ctrl=inp["ctrl"][..., perm])
@@ -344,7 +345,7 @@ def test_swap_gene_panel_new_and_dropped_genes():
     for v in zero_old.values():
         v[..., :4] = 0
     out = run(model, inp, **zero_old)
-    report = model.swap_gene_panel(old, new)
+    report = swap_gene_panel(model, old, new)
     assert report == {"kept": G - 4, "new": 6, "dropped": 4}
     assert model.num_genes == G + 2
     assert model.x_embed.in_features == 2 * (G + 2) and model.head.linear.out_features == G + 2
@@ -354,9 +355,9 @@ def test_swap_gene_panel_new_and_dropped_genes():
     torch.testing.assert_close(out_new[..., : G - 4], out[..., 4:], rtol=1e-10, atol=1e-12)
 
     with pytest.raises(ValueError, match="num_genes=26"):
-        model.swap_gene_panel(old, new)
+        swap_gene_panel(model, old, new)
     with pytest.raises(ValueError, match="duplicated"):
-        model.swap_gene_panel(new, new[:-1] + new[:1])
+        swap_gene_panel(model, new, new[:-1] + new[:1])
 
 
 # ---------------------------------------------------------------------------------------------

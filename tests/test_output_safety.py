@@ -132,7 +132,8 @@ def test_training_refuses_an_out_dir_of_user_files(tmp_path, capsys):
     mine = user_files(tmp_path / "mine")
     (mine / "config.yaml").write_text("my config")
     before = snapshot(mine)
-    args = [f"out_dir={mine}", f"data.store={store}", "data.set_size=8", "data.sets_per_batch=2", "data.panel.kind=all", "model.size=tiny",
+    args = [f"out_dir={mine}", f"data.store={store}", "data.set_size=8", "data.sets_per_batch=2",
+            "data.panel.kind=all", "model.size=tiny",
             "train.max_steps=2", "train.progress=false", "diffusion.kme_impl=torch"]
     assert train_main("finetune", args) == 2
     err = capsys.readouterr().err.strip()
@@ -199,7 +200,8 @@ def test_two_trainings_into_one_out_dir(tmp_path):
     """The second job fails at once, naming the holder; the first runs on undisturbed."""
     store = build_train_store(tmp_path / "s", cells=300)
     out = tmp_path / "run"
-    args = [f"out_dir={out}", f"data.store={store}", "data.set_size=8", "data.sets_per_batch=2", "data.panel.kind=all", "model.size=tiny",
+    args = [f"out_dir={out}", f"data.store={store}", "data.set_size=8", "data.sets_per_batch=2",
+            "data.panel.kind=all", "model.size=tiny",
             "train.progress=false", "diffusion.kme_impl=torch", "train.log_every=1", "train.val_every=0",
             "train.sample_every=0", "train.ckpt_every=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -253,7 +255,8 @@ def test_training_resumes_past_a_torn_metrics_line(tmp_path):
 
     store = build_train_store(tmp_path / "s", cells=300)
     out = tmp_path / "run"
-    args = [f"out_dir={out}", f"data.store={store}", "data.set_size=8", "data.sets_per_batch=2", "data.panel.kind=all", "model.size=tiny",
+    args = [f"out_dir={out}", f"data.store={store}", "data.set_size=8", "data.sets_per_batch=2",
+            "data.panel.kind=all", "model.size=tiny",
             "train.progress=false", "diffusion.kme_impl=torch", "train.log_every=1", "train.val_every=0",
             "train.sample_every=0", "train.ckpt_every=2", "train.optim.warmup_steps=1"]
     assert train_main("finetune", [*args, "train.max_steps=4"]) == 0

@@ -60,7 +60,7 @@ def test_sigkill_during_parts_then_rerun(tahoe_src, tahoe_store, tmp_path):
 def test_fault_in_merge_leaves_nothing_visible_then_rerun(tahoe_src, tahoe_store, tmp_path):
     out = tmp_path / "fault.zarr"
     cfg = shard_cfg(tahoe_src.root, out, block_cells=50)
-    res = run_convert(cfg, env={"PERTURBDIFF_FAULT": "merge_block:1"})
+    res = run_convert(cfg, env={"PERTURBDIFF_FAULT_MERGE": "merge_block:1"})
     assert res.returncode == 17, res.stderr.decode()[-2000:]
     assert not out.exists()  # nothing at <out>: no manifest, no half-written arrays
     assert out.with_name(out.name + ".tmp").is_dir()
@@ -91,7 +91,7 @@ def test_fault_after_an_earlier_complete_store_keeps_the_old_one(tahoe_src, tmp_
     from helpers import REPO, convert_script
     code = convert_script(script_cfg).replace("convert(cfg, log=lambda m: None)",
                                               "convert(cfg, log=lambda m: None, overwrite=True)")
-    env = dict(os.environ, PERTURBDIFF_FAULT="merge_block:1")
+    env = dict(os.environ, PERTURBDIFF_FAULT_MERGE="merge_block:1")
     res = subprocess.run([sys.executable, "-c", code], cwd=str(REPO), env=env, capture_output=True, timeout=120)
     assert res.returncode == 17, res.stderr.decode()[-2000:]
     assert (out / schema.MANIFEST_FILE).read_text() == before
@@ -116,7 +116,7 @@ def test_changed_settings_discard_stale_parts(tahoe_src, tahoe_store, tmp_path):
     """Parts left by an interrupted run with other settings are not mixed into the new store."""
     out = tmp_path / "changed.zarr"
     res = run_convert(shard_cfg(tahoe_src.root, out, cells_per_part=200, block_cells=50),
-                      env={"PERTURBDIFF_FAULT": "merge_block:0"})
+                      env={"PERTURBDIFF_FAULT_MERGE": "merge_block:0"})
     assert res.returncode == 17
     log = LogCapture()
     convert(shard_cfg(tahoe_src.root, out), log=log)

@@ -10,7 +10,8 @@ import zarr
 
 from data_sharding.convert import convert
 from helpers import (
-    assert_stores_identical, build_h5ad, gene_positions, tahoe_in_store_order, h5ad_cfg, manifest, quiet, shard_cfg, source_in_store_order, store_csr,
+    assert_stores_identical, build_h5ad, gene_positions, tahoe_in_store_order, h5ad_cfg, manifest, quiet,
+    shard_cfg, source_in_store_order, store_csr,
 )
 from perturbdiff.config import NormalizeConfig, PanelConfig
 from perturbdiff.data import schema

@@ -154,7 +154,7 @@ def test_plate_design(ds, cells):
     assert len(drugs) == SMALL["num_drugs"]
     plates = sorted(set(smp["plate"]))
     assert plates == ["plate1", "plate2"]
-    for plate, g in smp.groupby("plate"):
+    for _, g in smp.groupby("plate"):
         assert (g["drugname_drugconc"] == control).sum() == SMALL["control_wells_per_plate"]
         treated = g.loc[g["drug"] != schema.TAHOE_CONTROL_DRUG, "drugname_drugconc"]
         assert treated.is_unique and set(treated) == labels  # every (drug, dose) once on every plate
@@ -278,7 +278,7 @@ def test_ground_truth_contents(ds):
     for d in range(D):
         s = gt["sensitivity"][:, d]
         assert s.max() >= 0.8 and s.min() == 0.0
-    for (line, drug), g in cond.groupby(["cell_line_id", "drug"]):
+    for _, g in cond.groupby(["cell_line_id", "drug"]):
         norms = g.sort_values("dose")["effect_norm"].to_numpy()
         if g["sensitivity"].iloc[0] > 0:
             assert np.all(np.diff(norms) > 0)

@@ -1,5 +1,5 @@
 """Every failure a user can cause is one line naming the file, column, condition or key, exit status 2,
-and no Python traceback (issue 11, item 8). The table walks the cases an independent adversarial run
+and no Python traceback. The table walks the cases an independent adversarial run
 found (bad condition cells, truncated controls, bad options, missing files, bad output paths, ...)
 through the real command line entry, and checks that a refused prediction leaves no output behind.
 """

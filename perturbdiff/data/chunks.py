@@ -350,7 +350,7 @@ class ZarrRanges:
 
     def take(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         runs = merge_ranges(starts, lengths)
-        return np.concatenate([self._read(lambda: self.array[a:b], a, b) for a, b in runs] or
+        return np.concatenate([self._read(lambda a=a, b=b: self.array[a:b], a, b) for a, b in runs] or
                               [np.zeros(0, dtype=self.array.dtype)])
 
     def values_at(self, positions: np.ndarray) -> np.ndarray:

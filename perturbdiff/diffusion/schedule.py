@@ -3,7 +3,7 @@
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,      eps ~ N(0, I) independently per cell and gene
 
 Noising each cell independently is, to first order, a Gaussian random element in the RKHS of the
-set's kernel mean embedding (DESIGN.md section 1), so the process is an ordinary DDPM applied per
+set's kernel mean embedding (perturbdiff/ops/kme_reference.py), so the process is an ordinary DDPM applied per
 cell with a shared t per set. Timesteps are integers 0 .. T-1 (index into the schedule); the network
 receives them as floats.
 

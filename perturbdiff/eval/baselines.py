@@ -475,10 +475,10 @@ def fit_linear(deltas: np.ndarray, perturbations: Sequence[str], n_components: i
         groups = {c: ctx == c for c in np.unique(ctx)}
         offsets = {c: Y[:, m].mean(1) for c, m in groups.items()}
         for _ in range(max(1, int(offset_iterations))):
-            O = np.empty_like(Y)
+            offset_of_cell = np.empty_like(Y)
             for c, m in groups.items():
-                O[:, m] = offsets[c][:, None]
-            G, emb, center, W, fitted = fit(Y - O)
+                offset_of_cell[:, m] = offsets[c][:, None]
+            G, emb, center, W, fitted = fit(Y - offset_of_cell)
             offsets = {c: (Y[:, m] - fitted[:, m]).mean(1) for c, m in groups.items()}
 
     def predict(p: str, context: str | None = None) -> tuple[np.ndarray, str]:

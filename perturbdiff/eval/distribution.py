@@ -173,7 +173,8 @@ def condition_distances(pred: ad.AnnData, real: ad.AnnData, conditions=None, *, 
     and the float64 energy distance between predicted and real cells (see the module docstring).
 
     Columns: context, perturbation, [sample], n_pred, n_real (cells available), n_pred_used,
-    n_real_used (after ``cap``), mmd2, energy_distance_u (unbiased), energy_distance_v (V-statistic). ``conditions`` defaults to every predicted
+    n_real_used (after ``cap``), mmd2, energy_distance_u (unbiased), energy_distance_v (V-statistic).
+    ``conditions`` defaults to every predicted
     condition; a condition missing from either side is an error naming it."""
     conds, pg, rg = _pred_real_groups(pred, real, conditions, control_label, ("sample",) if per_sample else ())
     genes = pred.n_vars
@@ -289,7 +290,7 @@ def replicate_calibration(pred: ad.AnnData, real: ad.AnnData, conditions=None, *
         if match_cells:
             m = min(len(v) for v in (*pops.values(), *reps.values()))
             row["n_cells"] = m
-            pick = lambda v: np.sort(rng.choice(v, size=m, replace=False))  # noqa: E731
+            pick = lambda v, m=m, rng=rng: np.sort(rng.choice(v, size=m, replace=False))  # noqa: E731
         else:
             pick = lambda v: v  # noqa: E731
         S = np.stack([dense_rows(pred.X, pick(pops[k])).mean(0) for k in sorted(pops)])

@@ -1,6 +1,6 @@
 """The evaluation suite: cell-eval 0.6.6's metrics (plus CellFlow's R^2) on a pair of AnnData objects.
 
-Contract (see DESIGN.md section 5): ``real`` and ``pred`` have the same ``var_names`` in the same order,
+Contract: ``real`` and ``pred`` have the same ``var_names`` in the same order,
 log-normalised ``.X`` (dense or scipy sparse), ``obs[pert_col]`` and ``obs[context_col]``, and the same
 real control cells (``obs[pert_col] == control``) in both. Every (context, perturbation) present in
 ``pred`` is one *condition*; it is scored against the control cells of its own context. Each context is

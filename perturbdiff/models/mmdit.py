@@ -25,7 +25,7 @@ block, so nothing in a padded row (not even NaN) reaches a real cell. Dropping t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -331,53 +331,3 @@ class MMDiT(nn.Module):
         if self_cond is not None and not self.self_condition:
             raise ValueError("self_cond was given but the model has self_condition=false")
         return B, M, C
-
-    # -----------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def swap_gene_panel(self, old_genes: Sequence[str], new_genes: Sequence[str]) -> dict[str, int]:
-        """Replace the gene input projections and the output Linear for a new gene panel.
-
-        Weights of genes present in both panels are copied (so a reordered panel is an exact
-        no-op); genes new to the model get fresh init. Rebuild the optimizer afterwards: the
-        swapped layers are new parameters.
-
-        Args:
-            old_genes: the current panel, in the model's current gene order (length num_genes).
-            new_genes: the new panel, in the order inputs will have from now on.
-
-        Returns:
-            {"kept": genes in both, "new": genes only in new_genes, "dropped": genes only in old_genes}.
-        """
-        old, new = [str(g) for g in old_genes], [str(g) for g in new_genes]
-        if len(old) != self.num_genes:
-            raise ValueError(f"old_genes has {len(old)} genes but the model has num_genes={self.num_genes}")
-        for name, genes in (("old_genes", old), ("new_genes", new)):
-            if len(set(genes)) != len(genes):
-                raise ValueError(f"{name} has duplicated gene names")
-        if not new:
-            raise ValueError("new_genes is empty")
-        where = {g: i for i, g in enumerate(old)}
-        dst = [j for j, g in enumerate(new) if g in where]  # positions in the new panel
-        src = [where[new[j]] for j in dst]  # the same genes in the old panel
-        g_old, g_new = len(old), len(new)
-
-        def remap_inputs(layer: nn.Linear, halves: int) -> nn.Linear:  # gene columns, per half
-            fresh = nn.Linear(halves * g_new, layer.out_features, device=layer.weight.device, dtype=layer.weight.dtype)
-            init_linear(fresh)
-            fresh.bias.copy_(layer.bias)
-            for h in range(halves):
-                fresh.weight[:, [h * g_new + j for j in dst]] = layer.weight[:, [h * g_old + i for i in src]]
-            return fresh
-
-        halves = 2 if self.self_condition else 1
-        self.x_embed = remap_inputs(self.x_embed, halves)
-        self.c_embed = remap_inputs(self.c_embed, 1)
-        old_out = self.head.linear  # gene rows
-        fresh = nn.Linear(old_out.in_features, g_new, device=old_out.weight.device, dtype=old_out.weight.dtype)
-        init_linear(fresh)
-        fresh.weight[dst] = old_out.weight[src]
-        fresh.bias[dst] = old_out.bias[src]
-        self.head.linear = fresh
-        self.num_genes = g_new
-        return {"kept": len(dst), "new": g_new - len(dst), "dropped": g_old - len(dst)}

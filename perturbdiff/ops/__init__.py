@@ -1,1 +1,2 @@
-"""Tensor operations: kernel mean embeddings and MMD (kme.py: dispatch to Triton or torch; kme_reference.py: the specification)."""
+"""Tensor operations: kernel mean embeddings and MMD (kme.py: dispatch to Triton or torch; kme_reference.py: the
+specification)."""

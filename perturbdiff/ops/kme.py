@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .kme_reference import KERNELS, _masked
+from .kme_reference import _masked, check_kernel
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -88,10 +88,7 @@ def _colsums_fn(impl: str):
 
 def _prepare(x, y, x_mask, y_mask, kernel, bandwidths, impl):
     """Validated, padding-zeroed inputs in the accumulation dtype, masks as floats, the column-sum function."""
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}: use one of {KERNELS}")
-    if kernel != "energy" and (not bandwidths or any(s <= 0 for s in bandwidths)):
-        raise ValueError(f"{kernel} kernel needs positive bandwidths, got {list(bandwidths)}")
+    check_kernel(kernel, bandwidths)
     impl = resolve_impl(impl, x.device)
     x, y, xm, ym = _masked(x, y, x_mask, y_mask)
     common = torch.promote_types(x.dtype, y.dtype)  # never round one side down to the other's dtype

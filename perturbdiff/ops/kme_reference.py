@@ -19,7 +19,8 @@ Kernels (``bandwidths`` is a list; Gaussian and Laplacian sum over it):
     laplacian  k(x, y) = sum_s exp(-||x - y|| / s)
 
 Ragged sets are padded and come with boolean masks ([B, N], [B, M]; True = real cell) or integer
-lengths ([B]; the first n_b rows are real). Padded cells never contribute. A set with no real cell has an undefined embedding: kme gives 0 there and mmd2
+lengths ([B]; the first n_b rows are real). Padded cells never contribute. A set with no real cell has an undefined
+embedding: kme gives 0 there and mmd2
 gives NaN; the U-statistic also needs two real cells in each set (NaN otherwise).
 """
 
@@ -38,13 +39,18 @@ def _safe_norm(d2: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, d2.clamp_min(torch.finfo(d2.dtype).tiny).sqrt(), torch.zeros_like(d2))
 
 
-def pairwise_kernel(x: torch.Tensor, y: torch.Tensor, kernel: str = "energy",
-                    bandwidths: Sequence[float] = (1.0,)) -> torch.Tensor:
-    """k(x_bi, y_bj) for all pairs: [B, N, D] x [B, M, D] -> [B, N, M], computed in x's dtype."""
+def check_kernel(kernel: str, bandwidths: Sequence[float]) -> None:
+    """A known kernel name, and positive bandwidths where the kernel uses them (every implementation)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}: use one of {KERNELS}")
     if kernel != "energy" and (not bandwidths or any(s <= 0 for s in bandwidths)):
         raise ValueError(f"{kernel} kernel needs positive bandwidths, got {list(bandwidths)}")
+
+
+def pairwise_kernel(x: torch.Tensor, y: torch.Tensor, kernel: str = "energy",
+                    bandwidths: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """k(x_bi, y_bj) for all pairs: [B, N, D] x [B, M, D] -> [B, N, M], computed in x's dtype."""
+    check_kernel(kernel, bandwidths)
     diff = x[:, :, None, :] - y[:, None, :, :]  # [B, N, M, D]
     d2 = (diff * diff).sum(-1)  # [B, N, M]; exact (no |x|^2 + |y|^2 - 2xy cancellation)
     if kernel == "energy":

@@ -1,6 +1,6 @@
 """One training-engine interface over torch DDP and DeepSpeed ZeRO 1/2/3.
 
-The trainer only ever calls ``Engine.create``, ``train_step``, ``save``, ``load`` and
+The trainer only ever calls ``create_engine``, ``train_step``, ``save``, ``load`` and
 ``consolidated_state_dict``; which runtime sits underneath is ``EngineConfig.backend``:
 
 - ``TorchEngine`` ("ddp"): DistributedDataParallel when world > 1, the plain module otherwise; bf16
@@ -195,32 +195,6 @@ class Engine(abc.ABC):
     precision: str
     grad_accum: int
     step: int
-
-    @staticmethod
-    def create(model: nn.Module, engine_cfg: EngineConfig, optim_cfg: OptimConfig, max_steps: int,
-               device: torch.device | str, *, micro_batch_sets: int = 1,
-               optimizer_factory: OptimizerFactory | None = None, ds_overrides: dict | None = None) -> "Engine":
-        """Wrap ``model`` for training on the backend ``engine_cfg.backend`` names.
-
-        Args:
-            model: the network (moved to ``device`` here).
-            max_steps: optimizer steps of the run (the cosine schedule ends there).
-            micro_batch_sets: sets per micro-batch per rank (DeepSpeed's batch bookkeeping).
-            optimizer_factory: replaces ``build_optimizer(model, optim_cfg)`` (e.g. plain SGD in tests).
-            ds_overrides: deep-merged into the generated DeepSpeed config (deepspeed backend only).
-
-        Raises:
-            ValueError: a bad ``train.engine`` field (unknown backend, zero_stage not in 1..3, ...).
-            ImportError: backend "deepspeed" without the deepspeed package.
-        """
-        validate_engine_config(engine_cfg)
-        device = torch.device(device)
-        if engine_cfg.activation_checkpointing:
-            enable_activation_checkpointing(model)
-        if engine_cfg.backend == "deepspeed":
-            return DeepSpeedEngine(model, engine_cfg, optim_cfg, max_steps, device, micro_batch_sets=micro_batch_sets,
-                                   optimizer_factory=optimizer_factory, ds_overrides=ds_overrides)
-        return TorchEngine(model, engine_cfg, optim_cfg, max_steps, device, optimizer_factory=optimizer_factory)
 
     def _check_micro_batches(self, micro_batches: Sequence[Any]) -> None:
         if len(micro_batches) != self.grad_accum:
@@ -583,3 +557,29 @@ class DeepSpeedEngine(Engine):
         for name, buf in _persistent_buffers(self.module).items():
             out[name] = (buf.detach().float() if buf.is_floating_point() else buf.detach()).to("cpu").clone()
         return out
+
+
+def create_engine(model: nn.Module, engine_cfg: EngineConfig, optim_cfg: OptimConfig, max_steps: int,
+                  device: torch.device | str, *, micro_batch_sets: int = 1,
+                  optimizer_factory: OptimizerFactory | None = None, ds_overrides: dict | None = None) -> Engine:
+    """Wrap ``model`` for training on the backend ``engine_cfg.backend`` names.
+
+    Args:
+        model: the network (moved to ``device`` here).
+        max_steps: optimizer steps of the run (the cosine schedule ends there).
+        micro_batch_sets: sets per micro-batch per rank (DeepSpeed's batch bookkeeping).
+        optimizer_factory: replaces ``build_optimizer(model, optim_cfg)`` (e.g. plain SGD in tests).
+        ds_overrides: deep-merged into the generated DeepSpeed config (deepspeed backend only).
+
+    Raises:
+        ValueError: a bad ``train.engine`` field (unknown backend, zero_stage not in 1..3, ...).
+        ImportError: backend "deepspeed" without the deepspeed package.
+    """
+    validate_engine_config(engine_cfg)
+    device = torch.device(device)
+    if engine_cfg.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    if engine_cfg.backend == "deepspeed":
+        return DeepSpeedEngine(model, engine_cfg, optim_cfg, max_steps, device, micro_batch_sets=micro_batch_sets,
+                               optimizer_factory=optimizer_factory, ds_overrides=ds_overrides)
+    return TorchEngine(model, engine_cfg, optim_cfg, max_steps, device, optimizer_factory=optimizer_factory)

@@ -87,7 +87,7 @@ def resume_path(cfg: RunConfig) -> Path | None:
 def build_trainer(cfg: RunConfig, mode: str, init: str | None, info: pdist.DistInfo, log=print):
     """Loaders, model (fresh or from a foundation), engine and Trainer for this rank."""
     from ..models import build_model, load_perturbation_table
-    from .engine import Engine
+    from .engine import create_engine
     from .trainer import Trainer
     from .transfer import init_from_foundation
 
@@ -121,7 +121,7 @@ def build_trainer(cfg: RunConfig, mode: str, init: str | None, info: pdist.DistI
           f"engine {cfg.train.engine.backend}"
           + (f" ZeRO-{cfg.train.engine.zero_stage}" if cfg.train.engine.backend == "deepspeed" else "")
           + f" on {info.world} x {info.device.type}")
-    engine = Engine.create(model, cfg.train.engine, cfg.train.optim, cfg.train.max_steps, info.device,
+    engine = create_engine(model, cfg.train.engine, cfg.train.optim, cfg.train.max_steps, info.device,
                            micro_batch_sets=cfg.data.sets_per_batch)
     return Trainer(cfg, engine, train, val, genes=genes, vocabularies=vocabs, mode=mode, log=log)
 

@@ -46,7 +46,7 @@ from .engine import Engine
 from .monitor import Monitor, mmdit_train_flops, peak_flops
 from .optim import EMA
 
-FAULT_ENV = "PERTURBDIFF_FAULT"  # "<rank>:<step>": that rank SIGKILLs itself before that step (fault tests)
+FAULT_ENV = "PERTURBDIFF_FAULT_TRAIN"  # "<rank>:<step>": that rank SIGKILLs itself before that step (fault tests)
 EMA_FILE, RNG_FILE = "ema.safetensors", "rng_rank{rank}.safetensors"
 CKPT_DIR = "checkpoints"
 
@@ -56,7 +56,7 @@ class Trainer:
 
     Args:
         cfg: the run config (train.*, diffusion.* and data.* are read).
-        engine: the wrapped model (``Engine.create``).
+        engine: the wrapped model (``create_engine``).
         train_loader / val_loader: SetLoader-like (iterable, ``len``, ``state_dict``); val may be None.
         genes / vocabularies: the model's gene panel and covariate vocabularies (for the export).
         mode: "pretrain" or "finetune", recorded in checkpoints and the export.

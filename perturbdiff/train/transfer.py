@@ -6,7 +6,7 @@ control stream never seen) and a target dataset with its own gene panel and cova
 
 - the backbone (blocks, timestep embedding, head modulation) must match in depth / width / heads:
   a different size is an error, never a silent partial load;
-- the gene panel: input columns and output rows of shared genes are copied (``MMDiT.swap_gene_panel``),
+- the gene panel: input columns and output rows of shared genes are copied (``swap_gene_panel``),
   genes new to the model start fresh; counts are reported;
 - categorical covariates: embedding rows are matched by category NAME (a context known to the
   foundation keeps its vector, a new one starts fresh; the null row is kept);
@@ -21,9 +21,11 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
+from torch import nn
 
 from ..config import ModelConfig
-from ..models import build_model
+from ..models import MMDiT, build_model
+from ..models.mmdit import init_linear
 from ..models.presets import resolve_size
 from .checkpoint import CheckpointError, Foundation
 
@@ -40,7 +42,7 @@ def init_from_foundation(found: Foundation, model_cfg: ModelConfig, genes: Seque
     report: dict = {"genes": None, "categories": {}, "loaded": 0, "fresh": {}}
     genes = [str(g) for g in genes]
     if genes != found.genes:
-        report["genes"] = source.swap_gene_panel(found.genes, genes)
+        report["genes"] = swap_gene_panel(source, found.genes, genes)
         g = report["genes"]
         log(f"gene panel differs from the foundation's: {g['kept']} genes kept, {g['new']} new (fresh "
             f"input/output weights), {g['dropped']} dropped")
@@ -94,3 +96,52 @@ def init_from_foundation(found: Foundation, model_cfg: ModelConfig, genes: Seque
         + (f"; fresh: {', '.join(f'{k} ({v})' for k, v in list(fresh.items())[:8])}"
            + (f" and {len(fresh) - 8} more" if len(fresh) > 8 else "") if fresh else ""))
     return target, report
+
+
+@torch.no_grad()
+def swap_gene_panel(model: MMDiT, old_genes: Sequence[str], new_genes: Sequence[str]) -> dict[str, int]:
+    """Replace ``model``'s gene input projections and output Linear (in place) for a new gene panel.
+
+    Weights of genes present in both panels are copied (so a reordered panel is an exact
+    no-op); genes new to the model get fresh init. Rebuild the optimizer afterwards: the
+    swapped layers are new parameters.
+
+    Args:
+        old_genes: the current panel, in the model's current gene order (length num_genes).
+        new_genes: the new panel, in the order inputs will have from now on.
+
+    Returns:
+        {"kept": genes in both, "new": genes only in new_genes, "dropped": genes only in old_genes}.
+    """
+    old, new = [str(g) for g in old_genes], [str(g) for g in new_genes]
+    if len(old) != model.num_genes:
+        raise ValueError(f"old_genes has {len(old)} genes but the model has num_genes={model.num_genes}")
+    for name, genes in (("old_genes", old), ("new_genes", new)):
+        if len(set(genes)) != len(genes):
+            raise ValueError(f"{name} has duplicated gene names")
+    if not new:
+        raise ValueError("new_genes is empty")
+    where = {g: i for i, g in enumerate(old)}
+    dst = [j for j, g in enumerate(new) if g in where]  # positions in the new panel
+    src = [where[new[j]] for j in dst]  # the same genes in the old panel
+    g_old, g_new = len(old), len(new)
+
+    def remap_inputs(layer: nn.Linear, halves: int) -> nn.Linear:  # gene columns, per half
+        fresh = nn.Linear(halves * g_new, layer.out_features, device=layer.weight.device, dtype=layer.weight.dtype)
+        init_linear(fresh)
+        fresh.bias.copy_(layer.bias)
+        for h in range(halves):
+            fresh.weight[:, [h * g_new + j for j in dst]] = layer.weight[:, [h * g_old + i for i in src]]
+        return fresh
+
+    halves = 2 if model.self_condition else 1
+    model.x_embed = remap_inputs(model.x_embed, halves)
+    model.c_embed = remap_inputs(model.c_embed, 1)
+    old_out = model.head.linear  # gene rows
+    fresh = nn.Linear(old_out.in_features, g_new, device=old_out.weight.device, dtype=old_out.weight.dtype)
+    init_linear(fresh)
+    fresh.weight[dst] = old_out.weight[src]
+    fresh.bias[dst] = old_out.bias[src]
+    model.head.linear = fresh
+    model.num_genes = g_new
+    return {"kept": len(dst), "new": g_new - len(dst), "dropped": g_old - len(dst)}
