@@ -103,7 +103,7 @@ def worker(case: dict) -> dict:
     from perturbdiff.diffusion import SetDiffusion
     from perturbdiff.models import build_model
     from perturbdiff.ops.kme import resolve_impl
-    from perturbdiff.train import distributed as pdist
+    from perturbdiff import distributed as pdist
     from perturbdiff.train.engine import create_engine
     from perturbdiff.train.monitor import mmdit_train_flops, peak_flops
 
@@ -219,7 +219,7 @@ def run_config(case: dict, args) -> dict:
     for attempt in range(2):  # the free port can be taken between the pick and the bind
         port = None
         if procs > 1:
-            from perturbdiff.train.distributed import free_port
+            from perturbdiff.distributed import free_port
             port = free_port()
         with tempfile.TemporaryDirectory() as tmp:
             handles = []

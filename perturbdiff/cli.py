@@ -118,7 +118,7 @@ def cmd_pipeline(cfg: RunConfig, overwrite: bool) -> None:
 
 def cmd_predict(args) -> None:
     from .predict import PredictOptions
-    from .train import distributed as pdist
+    from . import distributed as pdist
 
     opts = PredictOptions(n_cells=args.n_cells, n_samples=args.n_samples, sets_per_batch=args.sets_per_batch,
                           sample_steps=args.sample_steps, guidance=args.guidance, missing_genes=args.missing_genes,
@@ -206,8 +206,11 @@ def cmd_report(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .decode import DECODES
     from .config import STARTS
+    from .decode import DECODES
+    from .predict import PredictOptions
+
+    PRED = PredictOptions()  # the predict flags take their defaults from it
 
     parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -231,25 +234,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pert-col", default="perturbation")
     p.add_argument("--context-col", default="context")
     p.add_argument("--batch-col", default=None)
-    p.add_argument("--control-label", default="control")
-    p.add_argument("--n-cells", type=int, default=256, help="cells per population when conditions do not say")
-    p.add_argument("--n-samples", type=int, default=1, help="sampled populations per condition")
-    p.add_argument("--sets-per-batch", type=int, default=16)
+    p.add_argument("--control-label", default=PRED.control_label)
+    p.add_argument("--n-cells", type=int, default=PRED.n_cells, help="cells per population when conditions do not say")
+    p.add_argument("--n-samples", type=int, default=PRED.n_samples, help="sampled populations per condition")
+    p.add_argument("--sets-per-batch", type=int, default=PRED.sets_per_batch)
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--missing-genes", choices=("error", "zero"), default="error")
-    p.add_argument("--decode", choices=DECODES, default="counts",
+    p.add_argument("--missing-genes", choices=("error", "zero"), default=PRED.missing_genes)
+    p.add_argument("--decode", choices=DECODES, default=PRED.decode,
                    help="counts: generated cells as attainable counts at their context's library sizes (default); "
                         "continuous: the paper's output")
     p.add_argument("--start", choices=STARTS, default=None,
                    help="controls: each generated cell is a control cell of its context carried to the condition "
                         "(a diffusion bridge); noise: from pure noise (the paper); default: the checkpoint's "
                         "diffusion.start")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--train-cells", type=int, default=256,
+    p.add_argument("--seed", type=int, default=PRED.seed)
+    p.add_argument("--device", default=PRED.device)
+    p.add_argument("--train-cells", type=int, default=PRED.train_cells,
                    help="with --split: cells per training group sampled to train.h5ad for the baselines (0: none)")
-    p.add_argument("--max-cells", type=int, default=5_000_000,
+    p.add_argument("--max-cells", type=int, default=PRED.max_cells,
                    help="with --conditions: the most cells one call may generate (a guard against typos)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the run config")

@@ -319,6 +319,10 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
+# training cells per group sampled to train.h5ad for the baselines (predict --train-cells, pipeline.train_cells)
+BASELINE_TRAIN_CELLS = 256
+
+
 @dataclass
 class PipelineConfig:
     """The end-to-end job after the store (``perturbdiff pipeline``, the main job's second half):
@@ -331,7 +335,7 @@ class PipelineConfig:
     pretrain_lr: Optional[float] = None  # None: train.optim.lr
     n_samples: int = 3  # sampled populations per held-out condition (calibration needs >= 2)
     sample_steps: Optional[int] = None  # DDIM steps for prediction (None: diffusion.sample_steps)
-    train_cells: int = 256  # training cells per group sampled for the baselines
+    train_cells: int = BASELINE_TRAIN_CELLS
     # the truth from a second h5ad (perturbdiff/heldout.py): its perturbed groups are predicted and
     # scored, its controls condition them; None: the store's data.split.test groups
     test_h5ad: Optional[str] = None

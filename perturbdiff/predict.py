@@ -35,14 +35,14 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .config import STARTS, NormalizeConfig
+from .config import BASELINE_TRAIN_CELLS, STARTS, NormalizeConfig
 from .conditions import covariates, normalise_conditions
 from .data.schema import VALUES_COUNTS, VALUES_LOGNORM, DataError
 from .data.store import to_dense
 from .decode import DECODES, decode_counts, library_sizes
 from .errors import one_line
 from .outputs import OutputLock, Staging, check_output, out_of_space, space_error
-from .train import distributed as pdist
+from . import distributed as pdist
 
 OBS_COLUMNS = ("perturbation", "context", "batch", "sample", "is_control")
 
@@ -55,7 +55,8 @@ class PredictOptions:
     sample_steps: int | None = None  # None: the checkpoint's diffusion.sample_steps
     guidance: float | None = None
     max_controls: int = 2_000  # real control cells per context appended to the outputs
-    train_cells: int = 0  # > 0: predict_split also samples this many cells per training group (train.h5ad)
+    train_cells: int = BASELINE_TRAIN_CELLS  # > 0: predict_split also samples this many cells per training group
+    # (train.h5ad, for the baselines); 0: none
     max_cells: int = 5_000_000  # generated cells per call, over all conditions (a bound on typos like 1e9)
     missing_genes: str = "error"  # error | zero
     # counts: every generated cell decoded to attainable values (integer counts at a library size of its

@@ -21,7 +21,7 @@ import torch
 from perturbdiff.config import DiffusionConfig, EngineConfig, ModelConfig, OptimConfig
 from perturbdiff.diffusion import SetDiffusion
 from perturbdiff.models import build_model
-from perturbdiff.train.distributed import cleanup, init_distributed
+from perturbdiff.distributed import cleanup, init_distributed
 from perturbdiff.train.engine import Engine, create_engine
 
 SETS, M, G = 4, 6, 16  # global batch: sets, cells per set, genes

@@ -20,7 +20,7 @@ import torch.multiprocessing as tmp
 
 import engine_workers as ew
 from perturbdiff.config import EngineConfig, OptimConfig
-from perturbdiff.train import distributed as pdist
+from perturbdiff import distributed as pdist
 from perturbdiff.train.engine import (DeepSpeedEngine, TorchEngine, create_engine, enable_activation_checkpointing,
                                       generate_deepspeed_config, resolve_precision)
 

@@ -46,7 +46,7 @@ def test_no_dose_branch_for_data_without_doses(tmp_path):
     """model.numeric_covariates names dose by default; data without a numeric dose get no dose branch."""
     from helpers import build_train_store
     from perturbdiff.config import resolve_paths
-    from perturbdiff.train import distributed as pdist
+    from perturbdiff import distributed as pdist
     from perturbdiff.train.run import apply_mode, build_trainer
 
     store = build_train_store(tmp_path, genes=16, cells=300)

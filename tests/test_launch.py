@@ -15,7 +15,7 @@ import pytest
 
 from helpers import REPO, build_train_store
 from perturbdiff.outputs import MARKER
-from perturbdiff.train import distributed as pdist
+from perturbdiff import distributed as pdist
 
 TIMEOUT = 300
 COMMON = ["data.set_size=8", "data.sets_per_batch=2", "data.panel.kind=all", "data.run_cells=1",

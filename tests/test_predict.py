@@ -22,7 +22,7 @@ from perturbdiff.train.checkpoint import load_foundation, save_foundation
 from helpers import data_cfg
 
 SPLIT = SplitConfig(test=[HoldoutRule(contexts=["B_cell"], perturbations=["IL2"])])
-OPTS = PredictOptions(n_samples=2, sets_per_batch=3, sample_steps=3, seed=0)
+OPTS = PredictOptions(n_samples=2, sets_per_batch=3, sample_steps=3, seed=0, train_cells=0)
 
 
 @pytest.fixture(scope="module")

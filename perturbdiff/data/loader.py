@@ -35,16 +35,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from perturbdiff.config import DataConfig
 
 from .integrity import verify_once
+from .. import distributed as pdist
 from .sampler import SetSampler, SetSpec, num_batches
 from .schema import CONDITION_COLUMNS, DataError
 from .splits import TRAIN, assign_splits, check_no_leakage
 from .store import CellStore
-
-
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 # Key of the record a worker yields in place of a batch when it hits a DataError: [path, problem].
@@ -153,7 +148,7 @@ class SetLoader(ResumableLoader):
             raise ValueError("data.store is not set")
         if cfg.sets_per_batch < 1:
             raise ValueError(f"data.sets_per_batch must be >= 1, got {cfg.sets_per_batch}")
-        r, w = _dist_info()
+        r, w = pdist.get_rank(), pdist.get_world_size()
         self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.cfg, self.split = cfg, split
         self.eval_mode = (split != TRAIN) if eval_mode is None else eval_mode

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import EngineConfig, OptimConfig
-from . import distributed as pdist
+from .. import distributed as pdist
 from .optim import build_optimizer, build_scheduler
 
 BACKEND_NAMES = ("ddp", "deepspeed")

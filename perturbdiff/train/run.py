@@ -30,7 +30,7 @@ from ..data.loader import build_loader
 from ..errors import run_main
 from ..outputs import OutputLock, check_output, read_marker, write_marker
 from ..threads import configure_threads
-from . import distributed as pdist
+from .. import distributed as pdist
 from .checkpoint import latest_step, load_foundation
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"

@@ -39,7 +39,7 @@ from ..diffusion import SetDiffusion
 from ..diffusion.objective import covariates_from_batch
 from ..diffusion.sampler import sample_sets
 from ..eval.metrics import pearson_delta, set_mmd
-from . import distributed as pdist
+from .. import distributed as pdist
 from ..outputs import commit_directory
 from .checkpoint import latest_step, rotate, step_dir
 from .engine import Engine
