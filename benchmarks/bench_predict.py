@@ -27,7 +27,7 @@ from perturbdiff.config import load_config, resolve_paths
 from perturbdiff.eval.distribution import condition_distances
 from perturbdiff.eval.suite import evaluate
 from perturbdiff.predict import PredictOptions, predict_split
-from perturbdiff.train.checkpoint import load_foundation
+from perturbdiff.foundation import load_foundation
 
 
 def run_k(found, cfg, k: int, args, tmp: Path) -> dict:
@@ -78,7 +78,7 @@ def main() -> None:
                   f"{r['energy_distance_u']:.3f}", flush=True)
     result = {"run": str(run), "device": args.device, "torch": torch.__version__, "machine": platform.processor()
               or platform.machine(), "threads": torch.get_num_threads(), "n_samples": args.n_samples,
-              "sets_per_batch": args.sets_per_batch, "set_size": found.manifest.get("extra", {}).get("set_size"),
+              "sets_per_batch": args.sets_per_batch, "set_size": found.set_size,
               "genes": len(found.genes), "model": found.model_cfg.size,
               "parameters": int(sum(np.prod(v) for v in [p.shape for p in found.build().parameters()])),
               "rows": rows}

@@ -97,7 +97,7 @@ def run_one(split: str, seed: int, args, out: Path) -> dict:
     from perturbdiff.evaluate import EvaluateOptions, evaluate_files
     from perturbdiff.pipeline import build_store, run_pipeline, synthesise, Stages
     from perturbdiff.predict import PredictOptions, predict_split
-    from perturbdiff.train.checkpoint import load_foundation
+    from perturbdiff.foundation import load_foundation
 
     files, overrides, synthetic = split_overrides(split)
     run_dir = out / split / f"seed{seed}"

@@ -135,7 +135,7 @@ def cmd_predict(args) -> None:
 def _predict(args, opts, info) -> None:
     from .conditions import read_conditions
     from .predict import controls_from_h5ad, predict, predict_split, write_prediction
-    from .train.checkpoint import load_foundation
+    from .foundation import load_foundation
 
     found = load_foundation(args.checkpoint)
     out = Path(args.out)
@@ -145,12 +145,11 @@ def _predict(args, opts, info) -> None:
     if args.conditions:
         if not args.controls:
             raise ConfigError("--conditions needs --controls (an h5ad with control cells)")
-        from .config import NormalizeConfig
 
         contexts = found.vocabularies.get("context", [])
         only = str(contexts[0]) if len(contexts) == 1 else None  # one context: the columns may leave it out
         conditions = read_conditions(args.conditions, opts, only_context=only)
-        normalize = NormalizeConfig(**found.manifest.get("extra", {}).get("normalize", {}))
+        normalize = found.normalize
 
         def body(stage: Path) -> list[Path]:
             pool = controls_from_h5ad(args.controls, found.genes, normalize, sorted(conditions["context"].unique()),

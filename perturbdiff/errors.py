@@ -32,7 +32,7 @@ def one_line(err: BaseException) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .train.checkpoint import CheckpointError  # torch: imported only when a command failed
+    from .foundation import CheckpointError  # torch: imported only when a command failed
 
     # BrokenProcessPool: a conversion worker was killed (out of memory, kill -9); its message says so
     return ConfigError, DataError, CheckpointError, ValueError, BrokenProcessPool

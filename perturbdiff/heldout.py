@@ -193,7 +193,7 @@ def predict_heldout(found, cfg: RunConfig, labels: np.ndarray, out_dir: str | Pa
 
     path = cfg.pipeline.test_h5ad
     numeric = list(found.model_cfg.numeric_covariates)
-    normalize = NormalizeConfig(**found.manifest.get("extra", {}).get("normalize", {}))
+    normalize = found.normalize
     genes = found.genes
 
     def body(stage: Path) -> list[Path]:

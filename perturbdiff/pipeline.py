@@ -198,6 +198,7 @@ def _stage_config(cfg: RunConfig, name: str, steps: int, lr: float | None) -> Ru
 
 def train_stages(cfg: RunConfig, overwrite: bool, stage: Stages) -> Path:
     """Pretrain (marginal) then fine-tune from its foundation; returns the fine-tuned foundation."""
+    from .foundation import FOUNDATION_DIR
     from .train.run import FINETUNE, PRETRAIN, run
 
     p = cfg.pipeline
@@ -215,14 +216,14 @@ def train_stages(cfg: RunConfig, overwrite: bool, stage: Stages) -> Path:
         summary = run(sub, mode, init)
         print(f"      {summary['step']} steps in {summary['seconds']:.1f}s ({summary['cells_per_s']:,.0f} cells/s); "
               f"last train loss {(summary.get('last') or {}).get('train/loss', float('nan')):.4f}")
-        init = str(Path(sub.out_dir) / "foundation")
+        init = str(Path(sub.out_dir) / FOUNDATION_DIR)
     return Path(init)
 
 
 def predict_stage(cfg: RunConfig, foundation: Path, labels: np.ndarray, stage: Stages) -> Path:
     from .heldout import predict_heldout
     from .predict import PredictOptions, predict_split
-    from .train.checkpoint import load_foundation
+    from .foundation import load_foundation
 
     p = cfg.pipeline
     out = Path(cfg.out_dir) / "predict"

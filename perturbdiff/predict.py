@@ -378,14 +378,12 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
     per rank, each on its own device; every rank streams its block to a part file and rank 0 joins
     the parts in order and appends the controls. The result equals a one-process run (each set has
     its own seed for its control draw and its x_T). Returns the path on rank 0, None elsewhere."""
-    from .config import DiffusionConfig
     from .diffusion import SetDiffusion
     from .diffusion.sampler import bridge_sets, sample_sets
 
-    extra = found.manifest.get("extra", {})
-    normalize = NormalizeConfig(**extra.get("normalize", {}))
-    diffusion = SetDiffusion(DiffusionConfig(**extra.get("diffusion", {})))
-    m = int(extra.get("set_size", 256))
+    normalize = found.normalize
+    diffusion = SetDiffusion(found.diffusion)
+    m = found.set_size
     rank, world = pdist.get_rank(), pdist.get_world_size()
     device = _device(opts.device) if world == 1 or opts.device != "auto" else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
@@ -403,7 +401,7 @@ def predict(found, conditions: pd.DataFrame, pool: ControlPool, out_path: str | 
     if opts.decode == "counts" and not counts:
         notes.append("decode=counts: the control cells' library sizes are unknown (log-normalised values without "
                      "log1p), so the continuous output is written")
-    cov = covariates(conditions, found.vocabularies, model, notes, extra.get("numeric_in_data"))
+    cov = covariates(conditions, found.vocabularies, model, notes, found.numeric_in_data)
     cov_ctrl = control_covariates(cov, found, opts, notes)  # None: start from noise
     if cov_ctrl is not None and steps < 2:
         raise DataError(None, f"--sample-steps {steps}: starting from the controls needs at least 2 (or --start noise)")
@@ -483,14 +481,14 @@ def control_covariates(cov: dict, found, opts: PredictOptions, notes: list[str])
     """The covariates of the conditions' controls (each condition's context and batch, the control
     perturbation, the controls' numeric values), under which its control cells are inverted; None
     when the populations start from noise (asked for, or no control perturbation is known)."""
-    extra = found.manifest.get("extra", {})
-    start = opts.start or extra.get("diffusion", {}).get("start", "noise")
+    start = opts.start or found.diffusion.start
     if start not in STARTS:
         raise DataError(None, f"--start {start!r}: must be one of {', '.join(STARTS)}")
     if start == "noise":
         return None
     vocab = found.vocabularies.get("perturbation", [])
-    labels = [p for p in extra.get("control_perturbations", [opts.control_label]) if p in vocab]
+    recorded = found.control_perturbations
+    labels = [p for p in (recorded if recorded is not None else [opts.control_label]) if p in vocab]
     if "perturbation" not in cov or not labels:
         notes.append("start=controls needs a model with a perturbation branch that learned the control "
                      "perturbation; the populations start from noise")
@@ -499,7 +497,7 @@ def control_covariates(cov: dict, found, opts: PredictOptions, notes: list[str])
     if len(labels) > 1:
         notes.append(f"start=controls: controls inverted as perturbation {label!r} (of {labels})")
     out = dict(cov, perturbation=torch.full_like(cov["perturbation"], vocab.index(label)))
-    for name, value in extra.get("control_numeric", {}).items():
+    for name, value in found.control_numeric.items():
         if f"num_{name}" in out:
             out[f"num_{name}"] = torch.full_like(out[f"num_{name}"], float("nan") if value is None else value)
     return out
@@ -643,7 +641,7 @@ def predict_split(found, store_path: str, split_cfg, split: str, out_dir: str | 
     conditions = normalise_conditions(groups[["perturbation", "context", "batch"]].assign(
         **numeric, n_cells=groups["n"], n_samples=opts.n_samples), opts, source=store_path)
     genes = found.genes
-    normalize = NormalizeConfig(**found.manifest.get("extra", {}).get("normalize", {}))
+    normalize = found.normalize
 
     def body(stage: Path) -> list[Path]:
         pool = controls_from_store(store_path, genes, normalize, sorted(conditions["context"].unique()), opts)

@@ -547,7 +547,7 @@ def random_foundation(store: Path, out: Path, split, set_size: int = 8, noise: f
     from perturbdiff.config import DiffusionConfig, ModelConfig, NormalizeConfig
     from perturbdiff.data.loader import SetLoader
     from perturbdiff.models import build_model
-    from perturbdiff.train.checkpoint import save_foundation
+    from perturbdiff.foundation import save_foundation
 
     loader = SetLoader(data_cfg(store, split=split), "train", log=lambda *a: None)
     vocabs = loader.vocabularies

@@ -21,7 +21,7 @@ from perturbdiff.data.loader import SetLoader
 from perturbdiff.data.schema import DataError
 from perturbdiff.diffusion import SetDiffusion, bridge_sets, invert_sets, sample_sets
 from perturbdiff.predict import PredictOptions, predict_split
-from perturbdiff.train.checkpoint import load_foundation
+from perturbdiff.foundation import load_foundation
 
 G = 3
 MU = torch.tensor([[1.5, 1.0, 1.3], [2.5, 1.2, 1.6]])  # per perturbation id: mean per gene
@@ -135,7 +135,7 @@ def test_predict_starts_from_the_controls_by_default_and_from_noise_on_request(s
 
 def test_a_checkpoint_without_the_control_perturbation_starts_from_noise_with_a_note(store, tmp_path):
     found = load_foundation(random_foundation(store, tmp_path / "found", SPLIT))
-    found.manifest["extra"]["control_perturbations"] = ["DMSO"]  # not in its vocabulary
+    found.control_perturbations = ["DMSO"]  # not in its vocabulary
     pred, _ = predict_split(found, str(store), SPLIT, "test", tmp_path / "p", OPTS, log=lambda *a: None)
     uns = ad.read_h5ad(pred).uns["perturbdiff"]
     assert uns["start"] == "noise" and any("start from noise" in n for n in uns["notes"])

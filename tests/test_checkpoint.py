@@ -12,8 +12,9 @@ import torch
 
 from perturbdiff.config import ModelConfig, OptimConfig
 from perturbdiff.models import build_model
-from perturbdiff.train.checkpoint import (CheckpointError, atomic_directory, content_sha256, latest_step, list_steps,
-                                          load_foundation, rotate, save_foundation, step_dir)
+from perturbdiff.foundation import CheckpointError, content_sha256, load_foundation, save_foundation
+from perturbdiff.outputs import atomic_directory
+from perturbdiff.train.checkpoint import latest_step, list_steps, rotate, step_dir
 from perturbdiff.train.optim import EMA, build_optimizer, lr_factor, param_groups
 
 GENES = [f"ENSG{i:05d}" for i in range(12)]
@@ -255,3 +256,34 @@ def test_fine_tune_init_from_a_marginal_foundation_reports_everything(tmp_path):
     assert "10 genes kept, 2 new" in "\n".join(lines)
     with pytest.raises(CheckpointError, match=r"foundation is tiny .* config asks for small"):
         init_from_foundation(load_foundation(path), ModelConfig(size="small"), GENES, vocab, log=lines.append)
+
+
+def test_the_run_settings_are_typed_and_checked_at_load(tmp_path):
+    """normalisation, diffusion settings, set size, mode and control labels come back as typed fields;
+    an unknown or ill-typed setting is a CheckpointError naming the manifest and the key."""
+    from perturbdiff.config import DiffusionConfig, NormalizeConfig
+
+    model = _model()
+    extra = {"mode": "finetune", "set_size": 32, "normalize": {"target_sum": 5000.0},
+             "diffusion": {"steps": 200, "start": "controls"}, "control_perturbations": ["DMSO"],
+             "control_numeric": {"dose": 0}, "numeric_in_data": ["dose"]}
+    found = load_foundation(save_foundation(tmp_path / "f", model.state_dict(), model_cfg=model.cfg, genes=GENES,
+                                            vocabularies=VOCAB, extra=extra))
+    assert found.mode == "finetune" and found.set_size == 32 and found.control_perturbations == ["DMSO"]
+    assert found.normalize == NormalizeConfig(target_sum=5000.0)
+    assert found.diffusion == DiffusionConfig(steps=200, start="controls")
+    assert found.control_numeric == {"dose": 0.0} and found.numeric_in_data == ["dose"]
+    # nothing recorded: the defaults, and a checkpoint from before the bridge sampled from noise
+    bare = load_foundation(save_foundation(tmp_path / "b", model.state_dict(), model_cfg=model.cfg, genes=GENES,
+                                           vocabularies=VOCAB))
+    assert bare.diffusion.start == "noise" and bare.set_size == 256 and bare.mode is None
+    assert bare.control_perturbations is None and bare.numeric_in_data is None
+    for bad, match in (({"normalize": {"target": 1}}, r"extra.normalize keys \['target'\] are unknown"),
+                       ({"set_size": 0}, "extra.set_size must be a positive integer"),
+                       ({"mode": "sideways"}, "extra.mode must be one of"),
+                       ({"control_perturbations": "DMSO"}, "extra.control_perturbations must be a list")):
+        path = save_foundation(tmp_path / "bad", model.state_dict(), model_cfg=model.cfg, genes=GENES,
+                               vocabularies=VOCAB, extra=bad)
+        with pytest.raises(CheckpointError, match=match) as err:
+            load_foundation(path)
+        assert "manifest.json" in str(err.value)

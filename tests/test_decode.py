@@ -78,7 +78,7 @@ def test_predict_writes_counts_by_default_and_continuous_on_request(tmp_path):
     from perturbdiff.config import HoldoutRule, SplitConfig
     from perturbdiff.data.store import CellStore
     from perturbdiff.predict import PredictOptions, predict_split
-    from perturbdiff.train.checkpoint import load_foundation
+    from perturbdiff.foundation import load_foundation
 
     store = build_train_store(tmp_path, genes=24, cells=500)
     split = SplitConfig(test=[HoldoutRule(contexts=["B_cell"], perturbations=["IL2"])])

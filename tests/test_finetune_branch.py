@@ -18,7 +18,7 @@ from helpers import build_train_store
 from perturbdiff.config import load_config, resolve_paths
 from perturbdiff.data.store import CellStore, to_dense
 from perturbdiff.predict import PredictOptions, controls_from_store, predict
-from perturbdiff.train.checkpoint import load_foundation
+from perturbdiff.foundation import load_foundation
 from perturbdiff.train.run import FINETUNE, PRETRAIN, run
 
 FINETUNE_STEPS = 1000  # measured from noise: r 0.85-0.93, size ratio 0.76-0.95 (400 steps: r 0.30-0.84)

@@ -125,7 +125,7 @@ def test_zero3_pretraining_on_two_stores_exports_a_foundation_that_fine_tunes(st
     assert manifest["vocabularies"]["dataset"] == ["dsA", "dsB"]
     assert "perturbation" not in manifest["vocabularies"] and manifest["extra"]["mode"] == "pretrain"
     # the foundation loads on one device without DeepSpeed (and without unpickling)
-    probe = ("import sys, torch; from perturbdiff.train.checkpoint import load_foundation; "
+    probe = ("import sys, torch; from perturbdiff.foundation import load_foundation; "
              f"m = load_foundation({str(pre / 'foundation')!r}).build(); "
              "assert 'deepspeed' not in sys.modules; "
              "print(sum(p.numel() for p in m.parameters()))")

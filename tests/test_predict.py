@@ -18,7 +18,7 @@ from perturbdiff.data.schema import DataError
 from perturbdiff.models import build_model
 from perturbdiff.conditions import read_conditions
 from perturbdiff.predict import PredictOptions, StreamingH5ad, controls_from_h5ad, predict, predict_split
-from perturbdiff.train.checkpoint import load_foundation, save_foundation
+from perturbdiff.foundation import load_foundation, save_foundation
 from helpers import data_cfg
 
 SPLIT = SplitConfig(test=[HoldoutRule(contexts=["B_cell"], perturbations=["IL2"])])

@@ -21,7 +21,8 @@ from perturbdiff.diffusion import SetDiffusion
 from perturbdiff.eval.metrics import pearson_delta, pseudobulk, set_mmd
 from perturbdiff.models import build_model
 from perturbdiff import distributed as pdist
-from perturbdiff.train.checkpoint import latest_step, list_steps, load_foundation
+from perturbdiff.foundation import load_foundation
+from perturbdiff.train.checkpoint import latest_step, list_steps
 from perturbdiff.train.monitor import mmdit_forward_flops
 from perturbdiff.train.run import apply_mode, build_trainer, model_vocabularies
 

@@ -20,7 +20,7 @@ from perturbdiff.cli import main as cli
 from perturbdiff.config import DiffusionConfig, HoldoutRule, ModelConfig, NormalizeConfig, SplitConfig
 from perturbdiff.data.loader import SetLoader
 from perturbdiff.models import build_model
-from perturbdiff.train.checkpoint import save_foundation
+from perturbdiff.foundation import save_foundation
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = SplitConfig(test=[HoldoutRule(contexts=["B_cell"], perturbations=["IL2"])])

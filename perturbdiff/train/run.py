@@ -31,7 +31,8 @@ from ..errors import run_main
 from ..outputs import OutputLock, check_output, read_marker, write_marker
 from ..threads import configure_threads
 from .. import distributed as pdist
-from .checkpoint import latest_step, load_foundation
+from ..foundation import FOUNDATION_DIR, load_foundation
+from .checkpoint import latest_step
 
 PRETRAIN, FINETUNE = "pretrain", "finetune"
 MODES = (PRETRAIN, FINETUNE)
@@ -111,7 +112,7 @@ def build_trainer(cfg: RunConfig, mode: str, init: str | None, info: pdist.DistI
         arch = {f: getattr(found.model_cfg, f) for f in ARCH_FIELDS}
         changed = [f"model.{f} {getattr(cfg.model, f)} -> {v}" for f, v in arch.items() if getattr(cfg.model, f) != v]
         cfg.model = dataclasses.replace(cfg.model, **arch)
-        quiet(f"initialising from the foundation {init} ({found.manifest.get('extra', {}).get('mode', '?')}, "
+        quiet(f"initialising from the foundation {init} ({found.mode or '?'}, "
               f"{found.model_cfg.size}, {len(found.genes)} genes); the backbone comes from it"
               + (f": {', '.join(changed)}" if changed else ""))
         model, _ = init_from_foundation(found, cfg.model, genes, vocabs, features, log=quiet)
@@ -145,7 +146,7 @@ def run(cfg: RunConfig, mode: str, init: str | None = None, log=print) -> dict:
             trainer.resume(path)
         summary = trainer.fit()
         if cfg.train.export:
-            trainer.export_foundation(Path(cfg.out_dir) / "foundation")
+            trainer.export_foundation(Path(cfg.out_dir) / FOUNDATION_DIR)
         return summary
     finally:
         if trainer is not None:

@@ -315,7 +315,7 @@ class Trainer:
 
     def export_foundation(self, path: str | Path) -> Path | None:
         """The consolidated foundation checkpoint (EMA weights when EMA is on); collective, rank 0 writes."""
-        from .checkpoint import save_foundation
+        from ..foundation import save_foundation
 
         state = self.engine.consolidated_state_dict()
         out = None

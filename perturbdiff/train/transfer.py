@@ -27,7 +27,7 @@ from ..config import ModelConfig
 from ..models import MMDiT, build_model
 from ..models.mmdit import init_linear
 from ..models.presets import resolve_size
-from .checkpoint import CheckpointError, Foundation
+from ..foundation import CheckpointError, Foundation
 
 
 def init_from_foundation(found: Foundation, model_cfg: ModelConfig, genes: Sequence[str],
