@@ -207,7 +207,7 @@ def cmd_report(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .config import STARTS
     from .decode import DECODES
-    from .predict import PredictOptions
+    from .predict_options import PredictOptions
 
     PRED = PredictOptions()  # the predict flags take their defaults from it
 

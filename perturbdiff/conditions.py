@@ -111,19 +111,19 @@ def covariates(conditions: pd.DataFrame, vocabularies: dict[str, list[str]], mod
         if name not in branches:
             continue
         index = {v: i for i, v in enumerate(vocabularies.get(name, []))}
-        ids = []
+        ids, unseen = [], set()
         for _, row in conditions.iterrows():
             if row[name] in index:
                 ids.append(index[row[name]])
             elif name == "context":  # an unseen cell type: the prediction rests on its own control cells
                 ids.append(UNSEEN_ID)
+                unseen.add(row[name])
             else:
                 raise DataError(None, f"condition (context={row['context']!r}, perturbation={row['perturbation']!r}): "
                                 f"perturbation {row[name]!r} is neither in the checkpoint's perturbation vocabulary "
                                 f"nor in its feature table ({len(index)} known, e.g. {list(index)[:5]})")
-        unseen = sorted({c for c, i in zip(conditions[name], ids) if i == UNSEEN_ID}) if name == "context" else []
         if unseen:
-            notes.append(f"context(s) {unseen[:6]} not in the checkpoint's context vocabulary ({len(index)} known, "
+            notes.append(f"context(s) {sorted(unseen)[:6]} not in the checkpoint's context vocabulary ({len(index)} known, "
                          f"e.g. {list(index)[:3]}): their context covariate is the null token, the prediction "
                          "conditioned on their control cells")
         out[name] = torch.tensor(ids, dtype=torch.long)

@@ -104,30 +104,26 @@ def save_foundation(path: str | Path, state_dict: Mapping[str, torch.Tensor], *,
 
 
 def _model_config(manifest: dict, where: Path) -> ModelConfig:
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    raw = manifest.get("model")
-    if not isinstance(raw, dict):
+    if not isinstance(manifest.get("model"), dict):
         raise CheckpointError(f"{where}: the manifest has no model config")
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise CheckpointError(f"{where}: model config keys {unknown} are unknown to this code version "
-                              f"({__version__}); the checkpoint needs a newer perturbdiff")
-    return ModelConfig(**raw)
+    return _settings(ModelConfig, manifest["model"], where, "model config")
 
 
-def _settings(cls, raw, where: Path, key: str, **defaults):
-    """``cls(**raw)`` for a config section of the manifest's extra; unknown keys are an error."""
+def _settings(cls, raw, where: Path, what: str, **defaults):
+    """``cls(**defaults, **raw)`` for a config section of the manifest (``what``: its name in errors);
+    None: the defaults; a key this code version does not know is an error."""
     if raw is None:
         return cls(**defaults)
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{where}: extra.{key} is not a mapping")
+        raise CheckpointError(f"{where}: {what} is not a mapping")
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise CheckpointError(f"{where}: extra.{key} keys {unknown} are unknown to this code version ({__version__})")
+        raise CheckpointError(f"{where}: {what} keys {unknown} are unknown to this code version ({__version__}); "
+                              "the checkpoint needs a newer perturbdiff")
     try:
         return cls(**{**defaults, **raw})
     except TypeError as err:
-        raise CheckpointError(f"{where}: extra.{key}: {err}") from None
+        raise CheckpointError(f"{where}: {what}: {err}") from None
 
 
 def _run_settings(manifest: dict, where: Path) -> dict:
@@ -149,8 +145,8 @@ def _run_settings(manifest: dict, where: Path) -> dict:
     control_numeric = extra.get("control_numeric") or {}
     if not isinstance(control_numeric, dict):
         raise CheckpointError(f"{where}: extra.control_numeric is not a mapping")
-    return {"normalize": _settings(NormalizeConfig, extra.get("normalize"), where, "normalize"),
-            "diffusion": _settings(DiffusionConfig, extra.get("diffusion"), where, "diffusion", start="noise"),
+    return {"normalize": _settings(NormalizeConfig, extra.get("normalize"), where, "extra.normalize"),
+            "diffusion": _settings(DiffusionConfig, extra.get("diffusion"), where, "extra.diffusion", start="noise"),
             "set_size": set_size, "mode": mode, "control_perturbations": controls,
             "control_numeric": {str(k): float(v) for k, v in control_numeric.items()}, "numeric_in_data": numeric}
 

@@ -34,7 +34,6 @@ class HeldOutFile:
     path: str
     adata: object  # anndata.AnnData, backed="r"
     obs: pd.DataFrame  # perturbation, context, batch (str), is_control, and the numeric obs columns
-    control_label: str
 
     @classmethod
     def open(cls, path: str, cfg: RunConfig) -> "HeldOutFile":
@@ -68,7 +67,7 @@ class HeldOutFile:
         if obs["is_control"].all():
             raise DataError(path, f"pipeline.test_h5ad: no perturbed cells (every obs[{shard.perturbation_col!r}] "
                             f"is the control label {shard.control_label!r})")
-        return cls(str(path), adata, obs, shard.control_label)
+        return cls(str(path), adata, obs)
 
     def groups(self, numeric: list[str] = ()) -> pd.DataFrame:
         """The perturbed groups: GROUP_KEYS, the ``numeric`` covariates the file has (NaN where it has
@@ -138,10 +137,11 @@ def check_heldout(cfg: RunConfig, store, labels: np.ndarray) -> None:
 def _pool(held: HeldOutFile, cfg: RunConfig, genes: list[str], normalize: NormalizeConfig, contexts: list[str],
           opts):
     """The controls of each context: the file's where it has them, else the store's, as one pool."""
-    from .predict import ControlPool, controls_from_h5ad, controls_from_store
+    from .predict import ControlPool, _libraries, controls_from_h5ad, controls_from_store
 
     shard = cfg.shard
-    own = [c for c in contexts if c in held.control_contexts()]
+    in_file = held.control_contexts()
+    own = [c for c in contexts if c in in_file]
     rest = [c for c in contexts if c not in own]
     parts = []
     if own:  # context_col null: one implicit context; batch_col null: the shard's implicit batch
@@ -153,33 +153,28 @@ def _pool(held: HeldOutFile, cfg: RunConfig, genes: list[str], normalize: Normal
         parts.append(controls_from_store(cfg.data.store, genes, normalize, rest, opts))
     if len(parts) == 1:
         return parts[0]
-    libs = [p.libraries for p in parts]
     return ControlPool(np.concatenate([p.x for p in parts]), np.concatenate([p.context for p in parts]),
                        np.concatenate([p.batch for p in parts]), f"{held.path} + {cfg.data.store}",
-                       [n for p in parts for n in p.notes],
-                       None if any(v is None for v in libs) else np.concatenate(libs))
+                       [n for p in parts for n in p.notes], _libraries([p.libraries for p in parts]))
 
 
 def _real(held: HeldOutFile, groups: pd.DataFrame, genes: list[str], normalize: NormalizeConfig, pool,
           out_path: Path, opts) -> Path:
     """The held-out file's cells of ``groups`` plus the same controls as the prediction."""
-    from .predict import StreamingH5ad, _gene_map, append_controls, h5ad_rows
+    from .predict import _gene_map, h5ad_rows, write_real
 
     panel_map, _ = _gene_map(held.adata.var_names.to_numpy(), genes, "zero", held.path)
-    writer = StreamingH5ad(out_path, genes)
-    kind = None
-    try:
+
+    def blocks():
+        kind = None  # detected on the first block, as for the controls
         for _, g in groups.iterrows():
-            rows = np.sort(g["rows"])
+            rows = g["rows"]  # sorted: the groups keep the file's row order
             for s in range(0, len(rows), 4096):
                 x, _, kind = h5ad_rows(held.adata, held.path, rows[s:s + 4096], panel_map, len(genes), normalize,
                                        kind, f"condition ({g['context']}, {g['perturbation']})")
-                writer.append(x * normalize.scale, g["perturbation"], g["context"], g["batch"], -1, False)
-        append_controls(writer, pool, normalize, opts)
-        return writer.close(uns={"perturbdiff": {"control_label": opts.control_label, "truth": held.path}})
-    except BaseException:
-        writer.abort()
-        raise
+                yield x, g["perturbation"], g["context"], g["batch"]
+
+    return write_real(out_path, genes, blocks(), pool, normalize, opts, truth=held.path)
 
 
 def predict_heldout(found, cfg: RunConfig, labels: np.ndarray, out_dir: str | Path, opts, log=print,

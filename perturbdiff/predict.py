@@ -35,37 +35,17 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .config import BASELINE_TRAIN_CELLS, STARTS, NormalizeConfig
+from .config import STARTS, NormalizeConfig
 from .conditions import covariates, normalise_conditions
 from .data.schema import VALUES_COUNTS, VALUES_LOGNORM, DataError
 from .data.store import to_dense
 from .decode import DECODES, decode_counts, library_sizes
 from .errors import one_line
 from .outputs import OutputLock, Staging, check_output, out_of_space, space_error
+from .predict_options import PredictOptions
 from . import distributed as pdist
 
 OBS_COLUMNS = ("perturbation", "context", "batch", "sample", "is_control")
-
-
-@dataclass
-class PredictOptions:
-    n_cells: int = 256  # per population, when a condition does not say
-    n_samples: int = 1  # populations per condition, when a condition does not say
-    sets_per_batch: int = 16
-    sample_steps: int | None = None  # None: the checkpoint's diffusion.sample_steps
-    guidance: float | None = None
-    max_controls: int = 2_000  # real control cells per context appended to the outputs
-    train_cells: int = BASELINE_TRAIN_CELLS  # > 0: predict_split also samples this many cells per training group
-    # (train.h5ad, for the baselines); 0: none
-    max_cells: int = 5_000_000  # generated cells per call, over all conditions (a bound on typos like 1e9)
-    missing_genes: str = "error"  # error | zero
-    # counts: every generated cell decoded to attainable values (integer counts at a library size of its
-    # context's control cells, normalised as the data; perturbdiff.decode); continuous: the paper's output
-    decode: str = "counts"
-    start: str | None = None  # controls | noise (None: the checkpoint's diffusion.start)
-    control_label: str = "control"
-    seed: int = 0
-    device: str = "auto"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,6 +516,21 @@ def append_controls(writer: StreamingH5ad, pool: ControlPool, normalize: Normali
         writer.append(pool.x[sl] * normalize.scale, opts.control_label, pool.context[sl], pool.batch[sl], -1, True)
 
 
+def write_real(out_path: str | Path, genes: list[str], blocks, pool: ControlPool, normalize: NormalizeConfig,
+               opts: PredictOptions, **uns) -> Path:
+    """real.h5ad: the real cells ``blocks`` yields as (x [n, G] normalised as in training,
+    perturbation, context, batch), then the same controls as the prediction; ``uns``: recorded too."""
+    writer = StreamingH5ad(out_path, genes)
+    try:
+        for x, perturbation, context, batch in blocks:
+            writer.append(x * normalize.scale, perturbation, context, batch, -1, False)
+        append_controls(writer, pool, normalize, opts)
+        return writer.close(uns={"perturbdiff": {"control_label": opts.control_label, **uns}})
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def real_from_store(store_path: str, groups: pd.DataFrame, genes: list[str], normalize: NormalizeConfig,
                     pool: ControlPool, out_path: str | Path, opts: PredictOptions) -> Path:
     """The real cells of the conditions' store groups plus the same controls as the prediction."""
@@ -543,19 +538,16 @@ def real_from_store(store_path: str, groups: pd.DataFrame, genes: list[str], nor
 
     store = CellStore(store_path)
     panel_map, _ = _gene_map(store.gene_ids, genes, "zero", str(store_path))
-    writer = StreamingH5ad(out_path, genes)
-    try:
+
+    def blocks():
         for _, g in groups.iterrows():
             for s in range(int(g["start"]), int(g["start"]) + int(g["n"]), 4096):
                 rows = np.arange(s, min(s + 4096, int(g["start"]) + int(g["n"])))
                 indptr, indices, data = store.read_csr(rows)
                 x = to_dense(indptr, indices, data, panel_map, len(genes), normalize, store.value_kind)
-                writer.append(x * normalize.scale, g["perturbation"], g["context"], g["batch"], -1, False)
-        append_controls(writer, pool, normalize, opts)
-        return writer.close(uns={"perturbdiff": {"control_label": opts.control_label}})
-    except BaseException:
-        writer.abort()
-        raise
+                yield x, g["perturbation"], g["context"], g["batch"]
+
+    return write_real(out_path, genes, blocks(), pool, normalize, opts)
 
 
 def train_from_store(store_path: str, groups: pd.DataFrame, genes: list[str], normalize: NormalizeConfig,
