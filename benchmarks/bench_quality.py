@@ -94,7 +94,7 @@ def _last_plate(cfg) -> str:
 
 def run_one(split: str, seed: int, args, out: Path) -> dict:
     from perturbdiff.config import load_config
-    from perturbdiff.evaluate import EvaluateOptions, evaluate_files
+    from perturbdiff.eval.evaluate import EvaluateOptions, evaluate_files
     from perturbdiff.pipeline import build_store, run_pipeline, synthesise, Stages
     from perturbdiff.predict import PredictOptions, predict_split
     from perturbdiff.foundation import load_foundation

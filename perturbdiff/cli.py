@@ -168,7 +168,7 @@ def _predict(args, opts, info) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
+    from .eval.evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
 
     if args.dir:
         files = prediction_files(args.dir)  # a complete prediction, or an error naming what is missing

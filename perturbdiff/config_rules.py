@@ -186,7 +186,7 @@ ENCODINGS = ("id", "table")  # perturbdiff/models/covariates.py
 OUTPUT_ACTIVATIONS = ("relu", "none")  # perturbdiff/models/mmdit.py
 BACKENDS = ("ddp", "deepspeed")  # perturbdiff/train/engine.py BACKEND_NAMES
 PRECISIONS = ("auto", "fp32", "bf16")  # perturbdiff/train/engine.py
-PROFILES = ("full", "paper", "vcc", "minimal")  # perturbdiff/evaluate.py PROFILES
+PROFILES = ("full", "paper", "vcc", "minimal")  # perturbdiff/eval/schema.py PROFILES
 
 RULES: dict[str, Rule] = {
     # run

@@ -249,7 +249,7 @@ def predict_stage(cfg: RunConfig, foundation: Path, labels: np.ndarray, stage: S
 
 
 def evaluate_stage(cfg: RunConfig, pred_dir: Path, stage: Stages) -> Path:
-    from .evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
+    from .eval.evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
 
     out = Path(cfg.out_dir) / "eval"
     stage(f"evaluate against the truth beside the baselines (cell-eval 0.6.6 metrics, MMD, energy distance, "

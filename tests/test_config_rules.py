@@ -195,7 +195,7 @@ def test_choices_match_the_code_that_reads_them():
     """The rule table is torch-free, so it spells out choices that heavier modules define."""
     from data_sharding.writer import COMPRESSORS
     from perturbdiff.diffusion.schedule import SCHEDULES, respaced_timesteps
-    from perturbdiff.evaluate import PROFILES
+    from perturbdiff.eval.schema import PROFILES
     from perturbdiff.models.covariates import ENCODINGS
     from perturbdiff.models.mmdit import OUTPUT_ACTIVATIONS
     from perturbdiff.models.presets import PRESETS

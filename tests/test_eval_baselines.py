@@ -16,7 +16,8 @@ from scipy.spatial.distance import cdist
 
 from perturbdiff.data.schema import DataError
 from perturbdiff.eval import distribution as D
-from perturbdiff.eval.baselines import (normalised_score, predict_ceiling, predict_control_mean, predict_linear,
+from perturbdiff.eval.score import normalised_score
+from perturbdiff.eval.baselines import (predict_ceiling, predict_control_mean, predict_linear,
                                         predict_perturbation_mean)
 from perturbdiff.ops.kme import mmd2
 

@@ -398,7 +398,7 @@ def test_clear_errors(pair, tmp_path):
         evaluate(real, pred[:, :63].copy())
     p3 = pred.copy()
     p3.obs = p3.obs.rename(columns={"context": "cell_line"})
-    with pytest.raises(ValueError, match=r"pred: obs column 'context' not found"):
+    with pytest.raises(ValueError, match=r"pred: obs has no column 'context'"):
         evaluate(real, p3)
     with pytest.raises(ValueError, match=r"no control cells \(obs\['perturbation'\] == 'DMSO'\)"):
         evaluate(real, pred, control="DMSO")
@@ -418,7 +418,7 @@ def test_clear_errors(pair, tmp_path):
         evaluate(real, bad)
     path = tmp_path / "real.h5ad"
     real.write_h5ad(path)
-    with pytest.raises(ValueError, match=r"real \(.*real.h5ad\): obs column 'donor'"):
+    with pytest.raises(ValueError, match=r"real \(.*real.h5ad\): obs has no column 'donor'"):
         evaluate(path, pred, context_col="donor")
 
 

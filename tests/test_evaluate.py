@@ -1,4 +1,4 @@
-"""``perturbdiff evaluate`` (perturbdiff/evaluate.py): the model and the baselines scored side by side,
+"""``perturbdiff evaluate`` (perturbdiff/eval/evaluate.py): the model and the baselines scored side by side,
 the normalised score, the files it writes, and the errors a user meets with bad input."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 
 from eval_inputs import HELD_OUT, K, build_inputs
 from perturbdiff.data.schema import DataError
-from perturbdiff.eval.baselines import normalised_score
+from perturbdiff.eval.evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
+from perturbdiff.eval.schema import BEST_ONE, BEST_ZERO, METHODS, EvalDir
+from perturbdiff.eval.score import normalised_score
 from perturbdiff.eval.suite import evaluate
-from perturbdiff.evaluate import (BEST_ONE, BEST_ZERO, METHODS, EvaluateOptions, evaluate_files, format_table,
-                                  prediction_files)
 from perturbdiff.outputs import Staging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +45,34 @@ def test_every_method_scored_on_every_condition(result):
         assert keys == {(c, p) for c, ps in HELD_OUT.items() for p in ps}, method
     for f in ("metrics.csv", "aggregated.csv", "per_context.csv", "scores.csv", "calibration.csv", "populations.csv",
               "summary.json"):
-        assert (result.out / f).is_file(), f
-    assert not list(result.out.parent.glob(".*partial*"))
+        assert (result.path / f).is_file(), f
+    assert not list(result.path.parent.glob(".*partial*"))
     # the files hold the same numbers as the returned tables
-    back = pd.read_csv(result.out / "metrics.csv")
+    back = pd.read_csv(result.path / "metrics.csv")
     np.testing.assert_allclose(back["pearson_delta"], result.metrics["pearson_delta"], rtol=1e-12)
+
+
+def test_the_directory_reads_back_as_written(result):
+    """One class writes and reads the evaluation directory: every table round-trips (floats to the
+    CSV's precision, labels as strings), and the summary's fields."""
+    back = EvalDir.load(result.path)
+    for key in ("methods", "n_conditions", "contexts", "score_baseline", "n_samples", "notes"):
+        assert back.summary[key] == result.summary[key], key
+    assert back.summary["avg_score"] == pytest.approx(result.summary["avg_score"])
+    for name in ("metrics", "aggregated", "per_context", "scores", "populations"):
+        mine, read = getattr(result, name), getattr(back, name)
+        assert list(read.columns) == list(mine.columns), name
+        assert len(read) == len(mine), name
+        for col in mine.columns:
+            if pd.api.types.is_numeric_dtype(mine[col]):
+                np.testing.assert_allclose(read[col].to_numpy(float), mine[col].to_numpy(float), rtol=1e-12, atol=1e-15,
+                                           equal_nan=True, err_msg=f"{name}.{col}")
+            else:
+                assert (read[col].astype(str).to_numpy() == mine[col].astype(str).to_numpy()).all(), f"{name}.{col}"
+    assert back.calibration is not None and len(back.calibration) == len(result.calibration)
+    assert back.methods() == [m for m in METHODS if m in back.methods()]
+    assert back.conditions() == sorted({(c, p) for c, ps in HELD_OUT.items() for p in ps})
+    assert back.avg_scores() == pytest.approx(result.avg_scores())
 
 
 def test_model_row_is_the_suite_on_each_population_averaged(inputs, result):
@@ -67,7 +90,7 @@ def test_model_row_is_the_suite_on_each_population_averaged(inputs, result):
                 "de_nsig_counts_pred"):
         np.testing.assert_allclose(merged[col], merged[f"{col}_direct"], rtol=0, atol=1e-12, equal_nan=True)
     assert (model["n_cells_pred"] == 30).all() and (model["n_populations"] == K).all()
-    pops = pd.read_csv(result.out / "populations.csv")
+    pops = pd.read_csv(result.path / "populations.csv")
     assert sorted(pops.loc[pops["method"] == "model", "sample"].unique()) == list(range(K))
     assert (pops.loc[pops["method"] != "model", "sample"] == 0).all()
     agg = result.aggregated.set_index(["method", "metric"])
@@ -110,13 +133,13 @@ def test_normalised_scores_follow_cell_eval(result):
 
 
 def test_summary_and_calibration(result):
-    summary = json.loads((result.out / "summary.json").read_text())
+    summary = json.loads((result.path / "summary.json").read_text())
     assert summary["n_conditions"] == N_COND and summary["n_samples"] == K
     assert summary["contexts"] == sorted(HELD_OUT)
     assert set(summary["headline"]) == set(METHODS)
     assert summary["headline"]["model"]["pearson_delta"] == pytest.approx(
         result.aggregated.query("method == 'model' and metric == 'pearson_delta'")["mean"].item())
-    cal = pd.read_csv(result.out / "calibration.csv")
+    cal = pd.read_csv(result.path / "calibration.csv")
     assert len(cal) == N_COND and (cal["n_samples"] == K).all() and (cal["n_replicates"] == 2).all()
     assert cal["nominal_50"].notna().all()
     assert all(len(json.loads(h)) == K + 1 for h in cal["pit_hist"])

@@ -11,8 +11,9 @@ import scipy.sparse as sp
 
 from helpers import lognorm
 from perturbdiff.data.schema import DataError
-from perturbdiff.eval.fidelity import LOG1P_MAX, fidelity, scale_problems
-from perturbdiff.evaluate import EvaluateOptions, evaluate_files
+from perturbdiff.eval.fidelity import fidelity
+from perturbdiff.eval.inputs import LOG1P_MAX, scale_problems
+from perturbdiff.eval.evaluate import EvaluateOptions, evaluate_files
 
 
 def _adata(blocks: list[tuple[np.ndarray, str, int]], context: str = "c0") -> ad.AnnData:

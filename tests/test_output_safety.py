@@ -147,7 +147,7 @@ def test_every_writer_refuses_a_user_directory(h5ad_src, tmp_path):
     """predict, evaluate, export-wds and the pipeline's synthetic source, with and without --overwrite."""
     from data_sharding.wds_export import export_wds
     from perturbdiff.config import DataConfig, WdsConfig
-    from perturbdiff.evaluate import evaluate_files
+    from perturbdiff.eval.evaluate import evaluate_files
     from perturbdiff.pipeline import prepare_synth_dir
     from perturbdiff.predict import write_prediction
 

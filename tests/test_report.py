@@ -1,4 +1,4 @@
-"""``perturbdiff report`` (perturbdiff/eval/report.py) on a small synthetic evaluation.
+"""``perturbdiff report`` (perturbdiff/eval/report/) on a small synthetic evaluation.
 
 The evaluation directory is built here: pred / real / train h5ad files in the evaluation layout
 (2 contexts x 3 held-out conditions, 3 sampled populations, 2 real batches, 60 genes) scored by
@@ -22,7 +22,7 @@ import pytest
 from eval_inputs import build_inputs
 from perturbdiff.data.schema import DataError
 from perturbdiff.eval import report as rp
-from perturbdiff.evaluate import EvaluateOptions, evaluate_files
+from perturbdiff.eval.evaluate import EvaluateOptions, evaluate_files
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def write_run(root: Path, name: str) -> Path:
@@ -234,7 +234,7 @@ def test_failure_leaves_no_partial_output(eval_dir, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(rp, "_plot_deltas", boom)  # after metrics.png is written
+    monkeypatch.setattr(rp.page, "plot_deltas", boom)  # after metrics.png is written
     out = tmp_path / "fresh"
     with pytest.raises(RuntimeError, match="plot failed"):
         rp.write_report(eval_dir, out=out, log=lambda s: None)
@@ -243,7 +243,7 @@ def test_failure_leaves_no_partial_output(eval_dir, tmp_path, monkeypatch):
     old = tmp_path / "old"  # an earlier report is kept as it was when its replacement fails
     rp.write_report(eval_dir, out=old, log=lambda s: None)
     before = (old / "index.html").read_text()
-    monkeypatch.setattr(rp, "_plot_metrics", boom)
+    monkeypatch.setattr(rp.page, "plot_metrics", boom)
     with pytest.raises(RuntimeError):
         rp.write_report(eval_dir, out=old, log=lambda s: None, overwrite=True)
     assert (old / "index.html").read_text() == before

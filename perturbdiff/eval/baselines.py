@@ -61,7 +61,8 @@ Predictors (same signature: ``predict_<name>(train, conditions, controls, rng=No
   (floor(n/2) cells, sample 0) is the "prediction", the other (ceil(n/2) cells) the truth. Returns
   ``(pred, real_half)``, both with the same control cells appended.
 
-``normalised_score`` is cell-eval's ``score`` against a baseline.
+The AnnData helpers and input checks are ``perturbdiff.eval.inputs``; cell-eval's normalised score
+is ``perturbdiff.eval.score``.
 """
 
 from __future__ import annotations
@@ -74,91 +75,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data.schema import DataError
+from .inputs import (KEY, as_conditions, dense_rows, group_rows, keyed_means, obs_str, require_obs,
+                     require_same_genes)
 
 OBS_COLUMNS = ("perturbation", "context", "batch", "sample", "is_control")
-KEY = ("context", "perturbation")
 PRED_BATCH = "pred"  # obs batch of predicted cells
-
-# ---------------------------------------------------------------------------------------------
-# The layout: checks, conditions, group means (shared with distribution.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def require_obs(adata: ad.AnnData, columns: Sequence[str], what: str) -> None:
-    """Raise a DataError naming every obs column of ``columns`` that ``adata`` lacks."""
-    missing = [c for c in columns if c not in adata.obs.columns]
-    if missing:
-        raise DataError(None, f"{what}: obs lacks column(s) {missing} (has {list(adata.obs.columns)})")
-
-
-def require_same_genes(a: ad.AnnData, b: ad.AnnData, what_a: str, what_b: str) -> None:
-    ga, gb = a.var_names.astype(str), b.var_names.astype(str)
-    if len(ga) != len(gb) or not np.array_equal(ga.to_numpy(), gb.to_numpy()):
-        only_a = sorted(set(ga) - set(gb))[:5]
-        only_b = sorted(set(gb) - set(ga))[:5]
-        raise DataError(None, f"{what_a} and {what_b} must have the same genes in the same order "
-                        f"({len(ga)} vs {len(gb)} genes; only in {what_a}: {only_a}; only in {what_b}: {only_b})")
-
-
-def as_conditions(conditions, need: Sequence[str] = ("n_cells",)) -> pd.DataFrame:
-    """A conditions DataFrame (columns context, perturbation and ``need``; optional n_samples) from a
-    DataFrame or a list of (context, perturbation[, n_cells[, n_samples]]) tuples; names as str."""
-    if not isinstance(conditions, pd.DataFrame):
-        rows = [tuple(r) for r in conditions]
-        cols = ["context", "perturbation", "n_cells", "n_samples"][: max((len(r) for r in rows), default=2)]
-        conditions = pd.DataFrame(rows, columns=cols)
-    missing = [c for c in (*KEY, *need) if c not in conditions.columns]
-    if missing:
-        raise DataError(None, f"conditions lack column(s) {missing} (has {list(conditions.columns)})")
-    df = conditions.copy().reset_index(drop=True)
-    for c in KEY:
-        df[c] = df[c].astype(str)
-    for c in ("n_cells", "n_samples"):
-        if c in df.columns:
-            df[c] = df[c].astype(int)
-            bad = df[df[c] < 1]
-            if len(bad):
-                raise DataError(None, f"condition {tuple(bad.iloc[0][list(KEY)])}: {c} must be >= 1")
-    dup = df.duplicated(list(KEY))
-    if dup.any():
-        raise DataError(None, f"duplicate condition(s) {[tuple(r) for r in df.loc[dup, list(KEY)].to_numpy()][:5]}")
-    return df
-
-
-def obs_str(adata: ad.AnnData, column: str) -> np.ndarray:
-    return adata.obs[column].astype(str).to_numpy()
-
-
-def group_rows(adata: ad.AnnData, mask: np.ndarray | None = None, keys: Sequence[str] = KEY) -> dict[tuple, np.ndarray]:
-    """{(context, perturbation): row indices} (sorted) of the cells where ``mask`` is True."""
-    frame = pd.DataFrame({k: obs_str(adata, k) for k in keys})
-    if mask is not None:
-        frame = frame[np.asarray(mask, dtype=bool)]
-    if frame.empty:
-        return {}
-    return {tuple(k) if isinstance(k, tuple) else (k,): frame.index.to_numpy()[v]
-            for k, v in frame.groupby(list(keys), sort=True).indices.items()}
-
-
-def dense_rows(x, rows: np.ndarray, dtype=np.float64) -> np.ndarray:
-    """Rows of a dense or sparse matrix as a dense array."""
-    sub = x[np.asarray(rows)]
-    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    return sub.astype(dtype, copy=False)
-
-
-def group_means(x, groups: dict[tuple, np.ndarray]) -> tuple[list[tuple], np.ndarray]:
-    """(keys, [n_groups, G] float64 means) of ``x`` over each group's rows, in one sparse product."""
-    keys = list(groups)
-    if not keys:
-        return [], np.zeros((0, x.shape[1]))
-    rows = np.concatenate([groups[k] for k in keys])
-    cols = np.repeat(np.arange(len(keys)), [len(groups[k]) for k in keys])
-    w = np.concatenate([np.full(len(groups[k]), 1.0 / len(groups[k])) for k in keys])
-    ind = sp.csr_matrix((w, (cols, rows)), shape=(len(keys), x.shape[0]))
-    out = ind @ x  # scipy upcasts to float64
-    return keys, np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float64)
-
 
 def _rng(rng) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -209,15 +130,15 @@ class _Inputs:
     def _deltas(self, t_pert: np.ndarray) -> None:
         """deltas [n_train_conditions, G] = mu_{c,p} - mu_ctrl_c; ctrl_mean_train {context: mu_ctrl}."""
         train, control_label = self.train, self.control_label
-        keys, means = group_means(train.X, group_rows(train, t_pert != control_label))
-        ckeys, cmeans = group_means(train.X, group_rows(train, t_pert == control_label, keys=("context",)))
+        keys, means = keyed_means(train.X, group_rows(train, t_pert != control_label))
+        ckeys, cmeans = keyed_means(train.X, group_rows(train, t_pert == control_label, keys=("context",)))
         ctrl = {k[0]: m for k, m in zip(ckeys, cmeans)}
         self.ctrl_mean_train = dict(ctrl)
         lacking = sorted({c for c, _ in keys if c not in ctrl})
         if lacking:
             fill = [c for c in lacking if c in self.ctrl_rows]
             if fill:
-                _, m = group_means(self.controls.X, {(c,): self.ctrl_rows[c] for c in fill})
+                _, m = keyed_means(self.controls.X, {(c,): self.ctrl_rows[c] for c in fill})
                 ctrl.update(zip(fill, m))
                 self.notes.append(f"training context(s) {fill} have no training control cells: their deltas are "
                                   "taken against the passed controls")
@@ -234,7 +155,7 @@ class _Inputs:
                             "with control cells in their context")
 
     def control_mean(self, context: str) -> np.ndarray:
-        _, m = group_means(self.controls.X, {(context,): self.ctrl_rows[context]})
+        _, m = keyed_means(self.controls.X, {(context,): self.ctrl_rows[context]})
         return m[0]
 
     def iter_populations(self, n_samples: int):
@@ -260,7 +181,7 @@ def _obs_block(n: int, perturbation, context, batch, sample, is_control) -> pd.D
 
 def _control_obs(controls: ad.AnnData, control_label: str) -> pd.DataFrame:
     n = controls.n_obs
-    batch = obs_str(controls, "batch") if "batch" in controls.obs.columns else np.full(n, "", dtype=object)
+    batch = obs_str(controls, "batch", default="")
     obs = _obs_block(n, control_label, obs_str(controls, "context"), batch, -1, True)
     obs.index = controls.obs_names.astype(str)
     return obs
@@ -579,7 +500,7 @@ def predict_ceiling(real: ad.AnnData, conditions=None, controls: ad.AnnData | No
     rng = _rng(rng)
     notes: list[str] = []
     pred_blocks, real_blocks = [], []
-    batch = obs_str(real, "batch") if "batch" in real.obs.columns else np.full(real.n_obs, "", dtype=object)
+    batch = obs_str(real, "batch", default="")
     for c, p in map(tuple, conds[list(KEY)].to_numpy()):
         rows = groups[(c, p)]
         if len(rows) < 2:
@@ -603,28 +524,3 @@ BASELINES: dict[str, Callable[..., ad.AnnData]] = {
     "perturbation_mean": predict_perturbation_mean,
     "linear": predict_linear,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Score against a baseline
-# ---------------------------------------------------------------------------------------------
-
-
-def normalised_score(model_metric, baseline_metric, higher_is_better: bool = True):
-    """cell-eval's ``score`` of a model metric against the baseline's (cell-eval ``_score.py``):
-
-        best value 1 (higher_is_better=True):   (u - b) / (1 - b)
-        best value 0 (higher_is_better=False):  1 - u / b
-
-    then NaN (including 0/0) -> 0 and clipped below at 0 (no upper clip): 0 = no better than the
-    baseline, 1 = perfect. cell-eval applies it to the ``mean`` row of the aggregated results and
-    averages the per-metric scores into ``avg_score``. "higher is better" here means a metric whose
-    best value is 1 (Pearson, overlap, AUC, ...); use it only for such metrics. Scalars in, float
-    out; arrays broadcast."""
-    u = np.asarray(model_metric, dtype=np.float64)
-    b = np.asarray(baseline_metric, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = (u - b) / (1.0 - b) if higher_is_better else 1.0 - u / b
-    s = np.where(np.isnan(s), 0.0, s)
-    s = np.clip(s, 0.0, None)
-    return float(s) if s.ndim == 0 else s

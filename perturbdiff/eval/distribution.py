@@ -66,7 +66,7 @@ import torch
 
 from ..data.schema import DataError
 from ..ops.kme import mmd2
-from .baselines import KEY, as_conditions, dense_rows, group_rows, obs_str, require_obs, require_same_genes
+from .inputs import KEY, as_conditions, dense_rows, group_rows, obs_str, require_obs, require_same_genes
 
 # ---------------------------------------------------------------------------------------------
 # Energy distance

@@ -1,11 +1,11 @@
-"""Do predicted cells look like measured cells? Per-condition shape diagnostics, and input checks.
+"""Do predicted cells look like measured cells? Per-condition shape diagnostics.
 
 Real expression is counts: after normalize_total + log1p a measured value is either 0 or at least
 what one count gives that cell, and it cannot exceed what one gene holding all of the cell's counts
 gives. A generated population can match the mean change and still be implausible cell by cell (a
 shift added to control cells moves every zero; a collapsed model has no spread), and such cells
 break the DE metrics (Wilcoxon then calls most genes DE). ``fidelity`` reports, per (context,
-perturbation), on the evaluation layout (``perturbdiff.eval.baselines``):
+perturbation), on the evaluation layout (``perturbdiff.eval.inputs``):
 
     zero_frac_pred / zero_frac_real   fraction of exact zeros among the condition's cells
     subcount_frac_pred                fraction of the predicted NONZERO values below the smallest value
@@ -18,8 +18,8 @@ perturbation), on the evaluation layout (``perturbdiff.eval.baselines``):
                                       context's control cells of each file): the size of the response
     max_pred / max_real               the largest value
 
-``scale_problems`` counts the values cell-eval would refuse or that no log1p data holds: NaN or
-infinite, negative, and above ``LOG1P_MAX`` (15, cell-eval 0.6.6's log1p threshold).
+The input checks (``scale_problems``: NaN, negative, above cell-eval's log1p limit) are in
+``perturbdiff.eval.inputs``.
 """
 
 from __future__ import annotations
@@ -29,12 +29,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .baselines import dense_rows, group_means, group_rows, obs_str
-
-LOG1P_MAX = 15.0  # cell-eval refuses .X whose maximum exceeds this ("Invalid scale ... log1p threshold")
-FIDELITY_COLUMNS = ("zero_frac_pred", "zero_frac_real", "subcount_frac_pred", "sd_ratio", "delta_norm_ratio",
-                    "max_pred", "max_real")
-
+from .inputs import dense_rows, group_rows, keyed_means, obs_str
+from .schema import FIDELITY_COLUMNS
 
 def _min_positive(x, rows: np.ndarray) -> float:
     """The smallest positive value in the rows of x (dense or CSR; sparse rows are not densified)."""
@@ -46,7 +42,7 @@ def _min_positive(x, rows: np.ndarray) -> float:
 
 def _per_context(adata: ad.AnnData, ctrl: dict, groups: dict) -> tuple[dict, dict]:
     """({context: control mean [G]}, {context: smallest positive value over all its cells})."""
-    keys, means = group_means(adata.X, ctrl)
+    keys, means = keyed_means(adata.X, ctrl)
     mean = {k[0]: m for k, m in zip(keys, means)}
     floor: dict[str, float] = {}
     for (c, *_), rows in [*ctrl.items(), *groups.items()]:
@@ -65,7 +61,7 @@ def fidelity(real: ad.AnnData, pred: ad.AnnData, control: str = "control") -> pd
     # per context, once: the control means, and the smallest nonzero of the real cells (one count in
     # the largest library)
     ctrl_mean_r, floor = _per_context(real, rc, rg)
-    keys_p, means_p = group_means(pred.X, pc)
+    keys_p, means_p = keyed_means(pred.X, pc)
     ctrl_mean_p = {k[0]: m for k, m in zip(keys_p, means_p)}
     nan = np.full(real.n_vars, np.nan)
     rows = []
@@ -93,12 +89,3 @@ def fidelity(real: ad.AnnData, pred: ad.AnnData, control: str = "control") -> pd
             "max_real": float(xr.max()) if xr.size else np.nan,
         })
     return pd.DataFrame(rows, columns=["context", "perturbation", *FIDELITY_COLUMNS])
-
-
-def scale_problems(x) -> dict[str, int | float]:
-    """Counts of NaN/infinite, negative and above-LOG1P_MAX values of a matrix, and its maximum."""
-    values = x.data if sp.issparse(x) else np.asarray(x).ravel()
-    finite = np.isfinite(values)
-    good = values[finite]
-    return {"non_finite": int((~finite).sum()), "negative": int((good < 0).sum()),
-            "above_log1p_max": int((good > LOG1P_MAX).sum()), "max": float(good.max()) if good.size else 0.0}

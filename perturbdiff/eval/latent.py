@@ -23,7 +23,8 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 
-from .baselines import PRED_BATCH, _assemble, _draw, _Inputs, _notes, _obs_block, _rng, dense_rows
+from .baselines import PRED_BATCH, _assemble, _draw, _Inputs, _notes, _obs_block, _rng
+from .inputs import dense_rows
 
 
 def _principal_axes(xs: list, k: int, max_cells: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

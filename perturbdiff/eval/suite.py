@@ -67,6 +67,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import rankdata
 
 from .de import DEFAULT_MAX_ELEMS, differential_expression
+from .inputs import dense_rows, group_means, numeric_matrix, obs_str, require_same_genes, rows_by
 
 __all__ = ["EvalResult", "evaluate", "metric_names", "REFERENCE"]
 
@@ -130,26 +131,6 @@ def _load(x, which: str):
     return x, which
 
 
-def _matrix(adata, label: str):
-    x = adata.X
-    if x is None:
-        raise ValueError(f"{label}: .X is empty")
-    if sp.issparse(x):
-        x = sp.csr_matrix(x)
-        data = x.data
-    else:
-        x = np.asarray(x)
-        data = x
-    if data.dtype == np.float16:
-        x = x.astype(np.float32)
-        data = x.data if sp.issparse(x) else x
-    if not np.issubdtype(data.dtype, np.number):
-        raise ValueError(f"{label}: .X must be numeric, got {data.dtype}")
-    if data.size and not np.all(np.isfinite(data)):
-        raise ValueError(f"{label}: .X contains NaN or infinite values")
-    return x
-
-
 def _looks_like_counts(x) -> bool:
     data = x.data if sp.issparse(x) else x
     if data.size == 0:
@@ -158,46 +139,8 @@ def _looks_like_counts(x) -> bool:
     return not bool(np.any(np.abs(np.modf(sample)[0]) > 1e-3))
 
 
-def _check_var_names(real, pred, lr: str, lp: str) -> np.ndarray:
-    gr = np.asarray(real.var_names).astype(str)
-    gp = np.asarray(pred.var_names).astype(str)
-    if gr.size != gp.size:
-        raise ValueError(f"var_names differ: {lr} has {gr.size} genes, {lp} has {gp.size}")
-    diff = np.flatnonzero(gr != gp)
-    if diff.size:
-        i = int(diff[0])
-        raise ValueError(f"var_names differ (same genes in the same order required): first difference at "
-                         f"position {i}: {lr} has {gr[i]!r}, {lp} has {gp[i]!r} ({diff.size} positions differ)")
-    return gr
-
-
-def _obs_col(adata, col: str, label: str) -> np.ndarray:
-    if col not in adata.obs.columns:
-        raise ValueError(f"{label}: obs column {col!r} not found (columns: {list(adata.obs.columns)})")
-    return adata.obs[col].astype(str).to_numpy()
-
-
 # ----------------------------------------------------------------------------------------------------
 # numeric helpers
-
-
-def _group_means(x, groups: Sequence[np.ndarray]) -> np.ndarray:
-    """[K, G] float64 means of the rows ``groups[k]`` of x (dense or CSR)."""
-    rows = np.concatenate(groups)
-    gid = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
-    w = np.concatenate([np.full(len(g), 1.0 / len(g)) for g in groups])
-    ind = sp.csr_matrix((w, (gid, np.arange(rows.size))), shape=(len(groups), rows.size))
-    sub = x[rows]
-    if sp.issparse(sub):
-        return np.asarray((ind @ sub.astype(np.float64)).toarray(), dtype=np.float64)
-    return np.asarray(ind @ np.asarray(sub, dtype=np.float64), dtype=np.float64)
-
-
-def _group_rows(ctx: np.ndarray, pert: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
-    """{(context, perturbation): sorted row positions}."""
-    df = pd.DataFrame({"c": ctx, "p": pert})
-    return {(str(c), str(p)): np.asarray(v, dtype=np.int64)
-            for (c, p), v in df.groupby(["c", "p"], sort=False).indices.items()}
 
 
 def _rows_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -265,10 +208,6 @@ def _discrimination(pred_eff: np.ndarray, real_eff: np.ndarray, excl: list[np.nd
     return 1.0 - rank / k
 
 
-def _dense64(x) -> np.ndarray:
-    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
-
-
 def _sqrt_row_sums(d2: np.ndarray) -> np.ndarray:
     """Row sums of sqrt(max(d2, 0)), in place."""
     np.maximum(d2, 0.0, out=d2)
@@ -317,7 +256,7 @@ def _energy_terms(x, groups: Sequence[np.ndarray], ctrl: np.ndarray, max_elems: 
     cs = int(min(ctrl.size, max(1, max_elems // n_genes)))
 
     def dense_with_norms(rows, scale=1.0):
-        m = _dense64(x[rows])
+        m = dense_rows(x, rows)
         return m * scale, np.einsum("ij,ij->i", m, m)
 
     ctrl_blocks = [ctrl[lo:lo + cs] for lo in range(0, ctrl.size, cs)]
@@ -395,27 +334,27 @@ def evaluate(real, pred, *, control: str = "control", pert_col: str = "perturbat
     de_wanted = [m for m in wanted if m not in ANNDATA_METRICS]
     notes: list[str] = []
 
-    genes = _check_var_names(real, pred, lr, lp)
-    xr, xp = _matrix(real, lr), _matrix(pred, lp)
+    genes = require_same_genes(real, pred, lr, lp)
+    xr, xp = numeric_matrix(real, lr), numeric_matrix(pred, lp)
     for x, lab in ((xr, lr), (xp, lp)):
         if _looks_like_counts(x):
             notes.append(f"{lab}: .X looks integer-valued (raw counts?); it is scored as given, while "
                          f"cell-eval would normalize_total + log1p it first")
-    pr_col = _obs_col(real, pert_col, lr)
-    pp_col = _obs_col(pred, pert_col, lp)
+    pr_col = obs_str(real, pert_col, lr)
+    pp_col = obs_str(pred, pert_col, lp)
     if context_col is None:
         cr_col = np.full(real.n_obs, "all", dtype=object).astype(str)
         cp_col = np.full(pred.n_obs, "all", dtype=object).astype(str)
     else:
-        cr_col = _obs_col(real, context_col, lr)
-        cp_col = _obs_col(pred, context_col, lp)
+        cr_col = obs_str(real, context_col, lr)
+        cp_col = obs_str(pred, context_col, lp)
     if not np.any(pr_col == control):
         raise ValueError(f"{lr}: no control cells (obs[{pert_col!r}] == {control!r})")
     if not np.any(pp_col == control):
         raise ValueError(f"{lp}: no control cells (obs[{pert_col!r}] == {control!r})")
 
-    idx_r = _group_rows(cr_col, pr_col)
-    idx_p = _group_rows(cp_col, pp_col)
+    idx_r = rows_by(cr_col, pr_col, sort=False)
+    idx_p = rows_by(cp_col, pp_col, sort=False)
     by_ctx_r: dict[str, set] = {}
     for c, p in idx_r:
         by_ctx_r.setdefault(c, set()).add(p)
@@ -442,10 +381,10 @@ def evaluate(real, pred, *, control: str = "control", pert_col: str = "perturbat
         gr = [idx_r[(ctx, p)] for p in perts]
         gp = [idx_p[(ctx, p)] for p in perts]
 
-        mu_r = _group_means(xr, gr)
-        mu_f = _group_means(xp, gp)
-        c_r = _group_means(xr, [ctrl_r])[0]
-        c_f = _group_means(xp, [ctrl_p])[0]
+        mu_r = group_means(xr, gr)
+        mu_f = group_means(xp, gp)
+        c_r = group_means(xr, [ctrl_r])[0]
+        c_f = group_means(xp, [ctrl_p])[0]
         if ctrl_r.size != ctrl_p.size or not np.allclose(c_r, c_f, rtol=1e-5, atol=1e-6):
             notes.append(f"context {ctx!r}: pred's control cells differ from real's ({ctrl_p.size} vs "
                          f"{ctrl_r.size} cells or different means); each side's deltas and DE use its own "

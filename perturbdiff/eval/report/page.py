@@ -1,244 +1,26 @@
-"""``perturbdiff report``: an evaluation directory as one self-contained HTML page with its PNGs.
+"""The page of ``perturbdiff report``: sections assembled from an evaluation directory
+(``perturbdiff.eval.schema.EvalDir``), its cells and training runs (``.inputs``) and the figures
+(``.plots``), built in a temporary directory that replaces ``out`` only when complete."""
 
-    perturbdiff report --eval EVAL_OUT [--run RUN_DIR] [--condition CONTEXT/PERTURBATION ...] [--out DIR]
-
-Reads what ``perturbdiff evaluate`` wrote (metrics.csv, aggregated.csv, scores.csv, summary.json,
-calibration.csv when present) and, for the cell-level plots, the pred / real h5ad files that
-summary.json names. Sections of ``index.html``:
-
-    header        inputs, conditions, contexts, K sampled populations, the evaluation's notes
-    metrics       headline means per method with the normalised score (best non-ceiling value
-                  marked), every metric in a collapsible table, per-condition values per method
-    deltas        model vs real pseudobulk log-fold-change (mean perturbed - mean control) per gene
-    cells         PCA of real vs predicted cells (fitted on the context's real cells), and each
-                  sampled population beside each real replicate batch in the same coordinates
-    calibration   coverage vs nominal and the rank (PIT) histogram (when calibration.csv exists)
-    training      the metrics.jsonl curves of each run directory given
-    footer        versions and the metric reference
-
-Every figure is written as a PNG next to index.html and embedded in it as a data URI, so the page
-alone can be shared. Figures are drawn (by ``perturbdiff.eval.report_plots``) on matplotlib's Agg
-canvas directly (``Figure`` + ``FigureCanvasAgg``, no pyplot), so importing this module changes no
-global matplotlib state. Cells are subsampled (at most ``MAX_CELLS`` per plotted group, seeded) to
-keep large inputs fast. This module reads the inputs, chooses the conditions and assembles the page,
-which is built in a temporary directory that replaces ``out`` only when complete.
-"""
 
 from __future__ import annotations
 
 import base64
 import html
 import importlib.metadata
-import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..data.schema import DataError
-from ..outputs import OutputLock, Staging, check_output, read_jsonl
-from ..evaluate import HEADLINE, METHODS
-from .report_plots import (LOWER_IS_BETTER, MAX_CELLS, NOT_RANKED, _direction, _fit_pca, _numeric_series, _obs,
-                           _plot_calibration, _plot_deltas, _plot_metrics, _plot_pca, _plot_populations,
-                           _plot_training, _png, format_value)
-
-N_DEFAULT = 3  # conditions shown when none are asked for
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalDir:
-    """The tables of one ``perturbdiff evaluate`` output directory."""
-
-    path: Path
-    summary: dict
-    metrics: pd.DataFrame
-    aggregated: pd.DataFrame
-    scores: pd.DataFrame
-    calibration: pd.DataFrame | None
-
-    @property
-    def control(self) -> str:
-        """The control perturbation label the evaluation used."""
-        return str(self.summary.get("options", {}).get("control_label", "control"))
-
-    def conditions(self) -> list[tuple[str, str]]:
-        """(context, perturbation) of every evaluated condition, sorted."""
-        m = self.metrics[self.metrics["method"] == "model"] if (self.metrics["method"] == "model").any() \
-            else self.metrics
-        return sorted(set(zip(m["context"], m["perturbation"])))
-
-    def methods(self) -> list[str]:
-        """The evaluated methods, in ``METHODS`` order, unknown ones last."""
-        found = list(dict.fromkeys(self.aggregated["method"]))
-        return [m for m in METHODS if m in found] + [m for m in found if m not in METHODS]
-
-
-def load_eval(eval_dir) -> EvalDir:
-    """Read the tables of ``eval_dir``; a ``DataError`` names what is missing."""
-    path = Path(eval_dir)
-    if not path.is_dir():
-        raise DataError(path, "evaluation directory not found (write one with `perturbdiff evaluate`)")
-    for name in ("summary.json", "metrics.csv", "aggregated.csv"):
-        if not (path / name).is_file():
-            raise DataError(path / name, "missing: not a complete `perturbdiff evaluate` output directory")
-    keys = {"context": str, "perturbation": str}
-    read = lambda name: pd.read_csv(path / name, dtype=keys, keep_default_na=False,  # noqa: E731
-                                    na_values=["", "nan", "NaN"])
-    scores = read("scores.csv") if (path / "scores.csv").is_file() else pd.DataFrame(
-        columns=["method", "metric", "from_baseline"])
-    calib = read("calibration.csv") if (path / "calibration.csv").is_file() else None
-    return EvalDir(path, json.loads((path / "summary.json").read_text()), read("metrics.csv"),
-                   read("aggregated.csv"), scores, calib)
-
-
-def resolve_conditions(requested, known: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """"context/perturbation" strings (split on the first "/"), or a perturbation name that is
-    unique across contexts, as (context, perturbation) pairs of ``known``."""
-    out = []
-    for s in requested:
-        s = str(s)
-        ctx, sep, pert = s.partition("/")
-        hit = [(ctx, pert)] if sep and (ctx, pert) in known else [k for k in known if k[1] == s]
-        if len(hit) > 1:
-            raise DataError(None, f"condition {s!r} is in {len(hit)} contexts ({[c for c, _ in hit][:5]}): "
-                            "write it as context/perturbation")
-        if not hit:
-            few = ", ".join(repr(f"{c}/{p}") for c, p in known[:5])
-            raise DataError(None, f"unknown condition {s!r}; known ({len(known)}, as context/perturbation): {few}"
-                            + (", ..." if len(known) > 5 else ""))
-        if hit[0] not in out:
-            out.append(hit[0])
-    return out
-
-
-def _input_path(ev: EvalDir, key: str) -> Path | None:
-    """An input h5ad of summary.json: as written, else relative to the evaluation directory."""
-    given = (ev.summary.get("inputs") or {}).get(key)
-    if not given:
-        return None
-    p = Path(given)
-    for cand in (p, ev.path / p, ev.path.parent / p.name):
-        if cand.is_file():
-            return cand
-    return None
-
-
-def _groups(adata, cols=("context", "perturbation")) -> dict[tuple, np.ndarray]:
-    """Row indices of each (context, perturbation) group of ``adata``."""
-    frame = pd.DataFrame({c: _obs(adata, c) for c in cols})
-    return {tuple(k): np.asarray(v) for k, v in frame.groupby(list(cols), sort=False).indices.items()}
-
-
-def _mean(x, rows: np.ndarray) -> np.ndarray:
-    """Mean of the ``rows`` of ``x`` (dense or sparse) per gene."""
-    return np.asarray(x[rows].mean(axis=0), dtype=np.float64).ravel()
-
-
-@dataclass
-class _Cells:
-    """The real cells (controls and perturbed) and the predicted cells of the shown conditions."""
-
-    real: object  # AnnData
-    pred: object  # AnnData, perturbed cells of the shown conditions only
-    control: str
-    real_groups: dict = field(init=False)
-    pred_groups: dict = field(init=False)
-
-    def __post_init__(self):
-        self.real_groups = _groups(self.real)
-        self.pred_groups = _groups(self.pred)
-
-    def control_rows(self, context: str) -> np.ndarray:
-        return self.real_groups.get((context, self.control), np.zeros(0, dtype=np.int64))
-
-    def delta(self, which: str, key: tuple[str, str]) -> np.ndarray:
-        """Pseudobulk log-fold-change per gene: mean perturbed - mean real control of the context."""
-        perturbed = _mean(self.real.X, self.real_groups[key]) if which == "real" else \
-            _mean(self.pred.X, self.pred_groups[key])
-        return perturbed - _mean(self.real.X, self.control_rows(key[0]))
-
-
-def _real_effects(real, control: str, known: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
-    """|real pseudobulk delta| (L2 over genes) per condition with real cells and controls."""
-    groups = _groups(real)
-    ctrl = {c: _mean(real.X, groups[(c, control)]) for c, _ in known if (c, control) in groups}
-    return {k: float(np.linalg.norm(_mean(real.X, groups[k]) - ctrl[k[0]])) for k in known
-            if k in groups and k[0] in ctrl}
-
-
-def _load_cells(ev: EvalDir, requested, log) -> tuple[_Cells | None, list[tuple[str, str]], str]:
-    """The cells for the plots, the conditions to show, and a note when the h5ads are unavailable."""
-    import anndata as ad
-
-    known = ev.conditions()
-    shown = resolve_conditions(requested, known) if requested else []
-    paths = {k: _input_path(ev, k) for k in ("real", "pred")}
-    missing = [k for k, p in paths.items() if p is None]
-    if missing:
-        given = {k: (ev.summary.get("inputs") or {}).get(k) for k in missing}
-        return None, shown, f"cell-level plots skipped: input h5ad not found ({given})"
-    real = ad.read_h5ad(paths["real"])
-    if "sample" in real.obs.columns:
-        real = real[real.obs["sample"].to_numpy().astype(np.int64) < 0].copy()
-    if not shown:
-        effects = _real_effects(real, ev.control, known)
-        shown = sorted(effects, key=lambda k: -effects[k])[:N_DEFAULT]
-    log(f"report: cell-level plots for {len(shown)} condition(s) from {paths['pred'].name}, {paths['real'].name}")
-    backed = ad.read_h5ad(paths["pred"], backed="r")
-    try:
-        keys = set(shown)
-        ctx, pert = _obs(backed, "context"), _obs(backed, "perturbation")
-        want = np.array([(c, p) in keys for c, p in zip(ctx, pert)], dtype=bool)
-        if "sample" in backed.obs.columns:
-            want &= backed.obs["sample"].to_numpy().astype(np.int64) >= 0
-        pred = backed[np.flatnonzero(want)].to_memory()
-    finally:
-        backed.file.close()
-    cells = _Cells(real, pred, ev.control)
-    usable = [k for k in shown if k in cells.real_groups and k in cells.pred_groups and len(cells.control_rows(k[0]))]
-    dropped = [f"{c}/{p}" for c, p in shown if (c, p) not in usable]
-    return cells, usable, f"no real, predicted or control cells for {dropped}: not plotted" if dropped else ""
-
-
-@dataclass
-class _Run:
-    """One training run: its metrics.jsonl records and config.yaml text."""
-
-    label: str
-    path: Path
-    records: list[dict]
-    n_bad: int
-    config: str | None
-
-
-def _load_runs(run_dir) -> list[_Run]:
-    """The runs of ``run_dir`` (None, one directory or metrics.jsonl, or a list); unreadable lines counted."""
-    if run_dir is None:
-        return []
-    dirs = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
-    runs = []
-    for d in map(Path, dirs):
-        log_file = d if d.is_file() else d / "metrics.jsonl"
-        if not log_file.is_file():
-            raise DataError(log_file, "training log not found (give a training run directory with metrics.jsonl)")
-        records, bad = read_jsonl(log_file)  # a torn last line of a run still writing is counted, not fatal
-        cfg = log_file.parent / "config.yaml"
-        runs.append(_Run(log_file.parent.name, log_file.parent, records, bad,
-                         cfg.read_text() if cfg.is_file() else None))
-    names = [r.label for r in runs]
-    for r in runs:  # two runs called "run" -> "pretrain/run", "finetune/run"
-        if names.count(r.label) > 1:
-            r.label = f"{r.path.parent.name}/{r.path.name}"
-    return runs
+from ...outputs import OutputLock, Staging, check_output
+from ..schema import HEADLINE, LOWER_IS_BETTER, NOT_RANKED, EvalDir
+from .inputs import Cells, Run, load_cells, load_runs, numeric_series, resolve_conditions
+from .plots import (MAX_CELLS, direction, fit_pca, format_value, plot_calibration, plot_deltas, plot_metrics, plot_pca,
+                    plot_populations, plot_training, png)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +78,10 @@ def _method_table(mean: pd.DataFrame, tips: pd.DataFrame | None = None, by_metri
 
     if by_metric:
         head = "<th>metric</th>" + "".join(f"<th>{_head(m)}</th>" for m in mean.index)
-        rows = [f"<tr><td>{_esc(metric)}{_direction(metric)}</td>" + "".join(cell(m, metric) for m in mean.index)
+        rows = [f"<tr><td>{_esc(metric)}{direction(metric)}</td>" + "".join(cell(m, metric) for m in mean.index)
                 + "</tr>" for metric in mean.columns]
     else:
-        head = "<th>method</th>" + "".join(f"<th title='{_esc(c)}'>{_head(c)}{_direction(c)}</th>"
+        head = "<th>method</th>" + "".join(f"<th title='{_esc(c)}'>{_head(c)}{direction(c)}</th>"
                                            for c in mean.columns)
         rows = [f"<tr{' class=ceiling' if m == 'ceiling' else ''}><td>{_esc(m)}</td>"
                 + "".join(cell(m, metric) for metric in mean.columns) + "</tr>" for m in mean.index]
@@ -385,7 +167,7 @@ class _Page:
 
     def figure(self, fig: Figure, name: str, caption: str) -> None:
         """Write ``fig`` as ``<name>.png`` and embed it with its caption."""
-        data = _png(fig)
+        data = png(fig)
         (self.out / f"{name}.png").write_bytes(data)
         self.figures.append(f"{name}.png")
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
@@ -431,23 +213,23 @@ def _versions() -> str:
             f"numpy {np.__version__}, pandas {pd.__version__}, matplotlib {matplotlib.__version__}")
 
 
-def _cell_sections(page: _Page, cells: _Cells, shown) -> None:
+def _cell_sections(page: _Page, cells: Cells, shown) -> None:
     """Deltas, PCA and the populations beside the replicate batches of the shown conditions."""
     rng = np.random.default_rng(0)
     genes = cells.real.var_names.astype(str).to_numpy()
     page.add("<h2>Predicted vs real log-fold-changes</h2>")
-    page.figure(_plot_deltas(cells, shown, genes), "deltas",
+    page.figure(plot_deltas(cells, shown, genes), "deltas",
                 "Pseudobulk delta per gene (mean log1p expression of the perturbed cells minus that of the "
                 "context's real controls); model: all sampled populations pooled. Dashed: y = x; genes with the "
                 "largest real effect are named.")
-    pcas = {c: _fit_pca(cells, c, rng) for c in dict.fromkeys(c for c, _ in shown)}
+    pcas = {c: fit_pca(cells, c, rng) for c in dict.fromkeys(c for c, _ in shown)}
     page.add("<h2>Cells: real vs predicted</h2>")
-    page.figure(_plot_pca(cells, shown, pcas, rng), "pca",
+    page.figure(plot_pca(cells, shown, pcas, rng), "pca",
                 f"PCA fitted on the real cells of each context (controls and held-out conditions; at most "
                 f"{MAX_CELLS:,} per group); crosses: group means. Legend counts are cells before subsampling.")
     page.add("<h3>Sampled populations beside the real replicate batches</h3>")
     for i, key in enumerate(shown, 1):
-        fig, extra = _plot_populations(cells, key, pcas[key[0]], rng)
+        fig, extra = plot_populations(cells, key, pcas[key[0]], rng)
         page.figure(fig, f"populations_{i}", f"{key[0]} / {key[1]}: each panel in the PCA coordinates above, "
                     f"real controls grey; last panel: the means of the panels (orange circles: sampled "
                     f"populations, blue squares: real batches, grey diamond: controls). {extra}".strip())
@@ -460,30 +242,30 @@ def _calibration_section(page: _Page, calib: pd.DataFrame) -> None:
              "Coverage should match nominal (with K populations the widest interval has nominal (K-1)/(K+1)); "
              "a calibrated model gives a flat rank histogram, PIT mean 0.5 and variance ratio 1 (> 1: samples "
              "too alike; < 1: too spread). Definitions: perturbdiff.eval.distribution.</p>")
-    fig = _plot_calibration(calib)
+    fig = plot_calibration(calib)
     if fig is not None:
         page.figure(fig, "calibration", "Left: coverage per condition and level; dashed y = x. Right: ranks "
                     "of every (replicate, gene) pseudobulk among the K populations, summed over conditions.")
     page.add(_calibration_table(calib))
 
 
-def _training_section(page: _Page, runs: list[_Run]) -> None:
+def _training_section(page: _Page, runs: list[Run]) -> None:
     """Training curves of the runs and their config.yaml files."""
     page.add("<h2>Training</h2>")
     about = []
     for r in runs:
-        steps = _numeric_series(r.records, "step")[1]
+        steps = numeric_series(r.records, "step")[1]
         about.append(f"{r.label}: {len(r.records)} records" + (f" to step {steps.max():g}" if len(steps) else "")
                      + (f", {r.n_bad} unreadable line(s) skipped" if r.n_bad else ""))
-    page.figure(_plot_training(runs), "training", "metrics.jsonl of " + "; ".join(about) + ".")
+    page.figure(plot_training(runs), "training", "metrics.jsonl of " + "; ".join(about) + ".")
     for r in runs:
         if r.config:
             page.add(f"<details><summary>config.yaml of {_esc(r.label)}</summary><pre>{_esc(r.config)}</pre></details>")
 
 
-def _build(ev: EvalDir, runs: list[_Run], requested, page: _Page, log, t0: float) -> str:
+def _build(ev: EvalDir, runs: list[Run], requested, page: _Page, log, t0: float) -> str:
     """The whole page (figures written on the way); returns the HTML."""
-    cells, shown, note = _load_cells(ev, requested, log)
+    cells, shown, note = load_cells(ev, requested, log)
     page.add(f"<h1>PerturbDiff evaluation report</h1><p class='note'>{_esc(ev.path.name)} \u00b7 generated "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}</p>" + _header(ev, shown, note))
     page.add("<h2>Metrics against the baselines</h2>" + _metric_tables(ev))
@@ -492,7 +274,7 @@ def _build(ev: EvalDir, runs: list[_Run], requested, page: _Page, log, t0: float
         page.add("<h2>Cells like measured cells?</h2>" + fidelity)
     names = [m for m in HEADLINE if m in ev.metrics.columns and ev.metrics[m].notna().any()]
     if names:
-        page.figure(_plot_metrics(ev.metrics, ev.methods(), names), "metrics",
+        page.figure(plot_metrics(ev.metrics, ev.methods(), names), "metrics",
                     "Per-condition values (dots), their mean (black bar) and, with >= 5 conditions, a box.")
     if cells is not None and shown:
         _cell_sections(page, cells, shown)
@@ -525,10 +307,10 @@ def write_report(eval_dir, out=None, run_dir=None, conditions=None, log=print, o
     out = Path(out) if out is not None else Path(eval_dir) / "report"
     runs_in = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir or [])
     check_output(out, "report", inputs=[eval_dir, *runs_in], overwrite=overwrite)
-    ev = load_eval(eval_dir)
+    ev = EvalDir.load(eval_dir)
     if conditions:
         resolve_conditions(conditions, ev.conditions())  # fail before any work
-    runs = _load_runs(run_dir)
+    runs = load_runs(run_dir)
     with OutputLock(out, "report directory"):
         stage = Staging(out, "report")
         tmp = stage.open()

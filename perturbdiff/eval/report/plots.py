@@ -1,7 +1,7 @@
-"""Figures of ``perturbdiff report`` (see perturbdiff/eval/report.py), each a matplotlib ``Figure``.
+"""Figures of ``perturbdiff report``, each a matplotlib ``Figure``: its public plotting API.
 
 The ``_plot_*`` functions draw on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``,
-no pyplot), so importing this module changes no global matplotlib state; ``_png`` renders a figure
+no pyplot), so importing this module changes no global matplotlib state; ``png`` renders a figure
 to PNG bytes. Cells are subsampled (at most ``MAX_CELLS`` per plotted group, with the caller's seeded
 generator) and projected on two principal axes found by a small numpy subspace iteration, which
 keeps large inputs fast. The metric conventions shared with the report's tables (which direction
@@ -14,23 +14,16 @@ import io
 import json
 import textwrap
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .fidelity import FIDELITY_COLUMNS
+from ..inputs import dense_rows, obs_str
+from ..schema import LOWER_IS_BETTER, NOT_RANKED
+from .inputs import Cells, Run, numeric_series
 
-if TYPE_CHECKING:  # annotations only: report.py imports this module
-    from .report import _Cells, _Run
-
-#: best value is the smallest; every other ranked metric is better when larger
-LOWER_IS_BETTER = frozenset({"mse", "mae", "mse_delta", "mae_delta", "energy_distance_u", "energy_distance_v", "mmd2"})
-#: reported but not ranked (counts of DE genes, not a quality)
-# read against the real cells, not ranked (the fidelity table shows the real values beside them)
-NOT_RANKED = frozenset({"de_nsig_counts_real", "de_nsig_counts_pred", *FIDELITY_COLUMNS})
 MAX_CELLS = 2_000  # cells per plotted group (and per perturbation in the PCA fit)
 MAX_FIT_CELLS = 12_000  # cells in one context's PCA fit
 MAX_PCA_GENES = 2_000  # most variable genes kept for the PCA
@@ -49,7 +42,7 @@ def format_value(v) -> str:
     return f"{float(v):.4g}"
 
 
-def _direction(metric: str) -> str:
+def direction(metric: str) -> str:
     """The arrow after a metric's name: which direction is better (none for unranked metrics)."""
     return "" if metric in NOT_RANKED else (" \u2193" if metric in LOWER_IS_BETTER else " \u2191")
 
@@ -57,20 +50,6 @@ def _direction(metric: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _obs(adata, col: str, default: str = "") -> np.ndarray:
-    """An obs column of ``adata`` as strings (``default`` everywhere when the column is absent)."""
-    if col not in adata.obs.columns:
-        return np.full(adata.n_obs, default, dtype=object)
-    return adata.obs[col].astype(str).to_numpy()
-
-
-def _dense(x, rows: np.ndarray, cols=None) -> np.ndarray:
-    """The ``rows`` (and ``cols``) of ``x`` (dense or sparse) as a float64 array."""
-    block = x[rows]
-    block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
-    return (block if cols is None else block[:, cols]).astype(np.float64)
 
 
 def _subsample(rows: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,7 +64,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     """``fig`` rendered as PNG bytes at ``DPI``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
@@ -123,7 +102,7 @@ def _annotate(ax, xy: np.ndarray, names) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _plot_metrics(metrics: pd.DataFrame, methods: list[str], names: list[str]) -> Figure:
+def plot_metrics(metrics: pd.DataFrame, methods: list[str], names: list[str]) -> Figure:
     """Per-condition value of each metric per method (strip plot, box when >= 5 conditions)."""
     ncols = 5 if len(names) > 8 else 4
     fig = _figure(3.1 * min(ncols, len(names)), 2.9 * -(-len(names) // ncols))
@@ -143,13 +122,13 @@ def _plot_metrics(metrics: pd.DataFrame, methods: list[str], names: list[str]) -
             ax.plot([i - 0.3, i + 0.3], [v.mean()] * 2, color="black", lw=1.4)
         ax.set_xticks(range(len(methods)), [SHORT.get(m, m) for m in methods], fontsize=7.5)
         ax.set_xlim(-0.6, len(methods) - 0.4)
-        ax.set_title(metric + _direction(metric), fontsize=10)
+        ax.set_title(metric + direction(metric), fontsize=10)
         ax.tick_params(axis="y", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     return fig
 
 
-def _plot_deltas(cells: _Cells, shown, genes: np.ndarray) -> Figure:
+def plot_deltas(cells: Cells, shown, genes: np.ndarray) -> Figure:
     """Model vs real pseudobulk delta per gene, one panel per condition."""
     fig = _figure(4.2 * min(3, len(shown)), 4.1 * -(-len(shown) // 3))
     for ax, key in zip(_grid(fig, len(shown), 3), shown):
@@ -179,7 +158,7 @@ def _plot_deltas(cells: _Cells, shown, genes: np.ndarray) -> Figure:
 
 
 @dataclass
-class _Projection:
+class Projection:
     """A context's PCA (fitted on its real cells, controls included) and the projected cells."""
 
     genes: np.ndarray
@@ -191,7 +170,7 @@ class _Projection:
         """The ``rows`` of ``adata`` in the two PC coordinates, shape (len(rows), 2)."""
         if not len(rows):
             return np.zeros((0, 2))
-        return (_dense(adata.X, rows, self.genes) - self.mean) @ self.axes.T
+        return (dense_rows(adata.X, rows, cols=self.genes) - self.mean) @ self.axes.T
 
     def labels(self, ax) -> None:
         """Axis labels with the share of variance each PC explains."""
@@ -199,11 +178,11 @@ class _Projection:
         ax.set_ylabel(f"PC2 ({self.ratio[1]:.0%})", fontsize=8)
 
 
-def _fit_pca(cells: _Cells, context: str, rng: np.random.Generator) -> _Projection:
+def fit_pca(cells: Cells, context: str, rng: np.random.Generator) -> Projection:
     """Two principal axes by subspace iteration (a few thin matmuls; exact enough for a plot)."""
     rows = [_subsample(v, MAX_CELLS, rng) for k, v in cells.real_groups.items() if k[0] == context]
     rows = _subsample(np.sort(np.concatenate(rows)), MAX_FIT_CELLS, rng)
-    x = _dense(cells.real.X, rows)
+    x = dense_rows(cells.real.X, rows)
     genes = np.arange(x.shape[1])
     if x.shape[1] > MAX_PCA_GENES:
         genes = np.sort(np.argsort(-x.var(axis=0))[:MAX_PCA_GENES])
@@ -215,7 +194,7 @@ def _fit_pca(cells: _Cells, context: str, rng: np.random.Generator) -> _Projecti
         q = np.linalg.qr(xc @ (xc.T @ q))[0]
     _, s, vt = np.linalg.svd(q.T @ xc, full_matrices=False)
     vt = vt[:2] * np.sign(vt[:2, [0]] + 1e-300)  # a fixed sign per axis
-    return _Projection(genes, mean, vt, s[:2] ** 2 / max((xc ** 2).sum(), 1e-300))
+    return Projection(genes, mean, vt, s[:2] ** 2 / max((xc ** 2).sum(), 1e-300))
 
 
 def _limits(points: list[np.ndarray]):
@@ -226,7 +205,7 @@ def _limits(points: list[np.ndarray]):
     return (lo[0] - pad[0], hi[0] + pad[0]), (lo[1] - pad[1], hi[1] + pad[1])
 
 
-def _plot_pca(cells: _Cells, shown, pcas: dict, rng) -> Figure:
+def plot_pca(cells: Cells, shown, pcas: dict, rng) -> Figure:
     """Controls, real perturbed and predicted perturbed cells of each condition in its context's PCA."""
     fig = _figure(4.2 * min(3, len(shown)), 4.0 * -(-len(shown) // 3))
     for ax, key in zip(_grid(fig, len(shown), 3), shown):
@@ -247,13 +226,13 @@ def _plot_pca(cells: _Cells, shown, pcas: dict, rng) -> Figure:
     return fig
 
 
-def _plot_populations(cells: _Cells, key, proj: _Projection, rng) -> tuple[Figure, str]:
+def plot_populations(cells: Cells, key, proj: Projection, rng) -> tuple[Figure, str]:
     """One panel per sampled population and per real replicate batch (same PCA coordinates), and
     one of their pseudobulks."""
     prow, rrow = cells.pred_groups[key], cells.real_groups[key]
     samples = cells.pred.obs["sample"].to_numpy().astype(np.int64)[prow] if "sample" in cells.pred.obs.columns \
         else np.zeros(len(prow), dtype=np.int64)
-    batches = _obs(cells.real, "batch", "all")[rrow]
+    batches = obs_str(cells.real, "batch", default="all")[rrow]
     pops = {f"sample {k}": prow[samples == k] for k in np.unique(samples)}
     reps = {f"real {b}": rrow[batches == b] for b in np.unique(batches)}
     note = ""
@@ -297,7 +276,7 @@ def _plot_populations(cells: _Cells, key, proj: _Projection, rng) -> tuple[Figur
 # ---------------------------------------------------------------------------------------------
 
 
-def _plot_calibration(calib: pd.DataFrame) -> Figure | None:
+def plot_calibration(calib: pd.DataFrame) -> Figure | None:
     """Coverage vs nominal per level, and the summed rank histogram of the most common K."""
     levels = sorted(c.split("_", 1)[1] for c in calib.columns if c.startswith("coverage_"))
     hists = [json.loads(h) for h in calib.get("pit_hist", pd.Series(dtype=str)).fillna("") if h]
@@ -328,18 +307,7 @@ def _plot_calibration(calib: pd.DataFrame) -> Figure | None:
     return fig
 
 
-def _numeric_series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the records with a finite number under ``key``."""
-    steps, vals = [], []
-    for i, rec in enumerate(records):
-        v = rec.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
-            steps.append(rec.get("step", i))
-            vals.append(float(v))
-    return np.asarray(steps, dtype=float), np.asarray(vals)
-
-
-def _curve_keys(runs: list[_Run]) -> list[str]:
+def _curve_keys(runs: list[Run]) -> list[str]:
     """Logged metrics other than the loss panel's: train/*, val/*, sample/*, eval/*, the rest, the
     learning rate and perf/* last (at most 15)."""
     prefixes = ("train/", "val/", "sample/", "eval/")
@@ -351,7 +319,7 @@ def _curve_keys(runs: list[_Run]) -> list[str]:
 
     keys = dict.fromkeys(k for r in runs for rec in r.records for k in rec)
     keys = [k for k in keys if k not in ("step", "train/loss", "val/loss")
-            and any(len(_numeric_series(r.records, k)[0]) for r in runs)]
+            and any(len(numeric_series(r.records, k)[0]) for r in runs)]
     return sorted(keys, key=rank)[:15]
 
 
@@ -364,7 +332,7 @@ def _ema(v: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def _plot_training(runs: list[_Run]) -> Figure:
+def plot_training(runs: list[Run]) -> Figure:
     """The loss (raw, smoothed, validation) and every other logged metric, one colour per run."""
     keys = _curve_keys(runs)
     n = 1 + len(keys)
@@ -373,21 +341,21 @@ def _plot_training(runs: list[_Run]) -> Figure:
     colors = [f"C{i}" for i in range(10)]
     for i, run in enumerate(runs):
         c, tag = colors[i % 10], run.label if len(runs) > 1 else ""
-        s, v = _numeric_series(run.records, "train/loss")
+        s, v = numeric_series(run.records, "train/loss")
         if len(v):
             window = max(1, len(v) // 20)
             if window > 1:
                 axes[0].plot(s, v, color=c, alpha=0.25, lw=0.8)
             axes[0].plot(s, _ema(v, window), color=c, lw=1.6, label=f"{tag} train".strip())
-        s, v = _numeric_series(run.records, "val/loss")
+        s, v = numeric_series(run.records, "val/loss")
         if len(v):
             axes[0].plot(s, v, color=c, ls="--", marker="o", ms=3.5, lw=1.2, label=f"{tag} val".strip())
         for ax, key in zip(axes[1:], keys):
-            s, v = _numeric_series(run.records, key)
+            s, v = numeric_series(run.records, key)
             if len(v):
                 ax.plot(s, v, color=c, lw=1.3, marker="o" if len(v) <= 30 else None, ms=2.5, label=run.label)
     axes[0].set_title("loss (train smoothed, raw faint; val dashed)", fontsize=9)
-    steps = np.concatenate([_numeric_series(r.records, "step")[1] for r in runs])
+    steps = np.concatenate([numeric_series(r.records, "step")[1] for r in runs])
     for ax in axes:
         if len(steps) and np.ptp(steps) > 0:  # one step axis for every panel
             ax.set_xlim(steps.min() - 0.03 * np.ptp(steps), steps.max() + 0.03 * np.ptp(steps))
