@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .data.batch import numeric_key
 from .data.schema import DataError, parse_drugconc
 from .models.covariates import UNSEEN_ID
 
@@ -140,7 +141,7 @@ def covariates(conditions: pd.DataFrame, vocabularies: dict[str, list[str]], mod
             notes.append(f"{int((~known).sum())} condition(s) name no known batch: the batch covariate is left "
                          "out (its null token) for all conditions")
     for name in model.cfg.numeric_covariates:
-        out[f"num_{name}"] = torch.tensor(numeric_covariate(conditions, name, trained_with, notes), dtype=torch.float32)
+        out[numeric_key(name)] = torch.tensor(numeric_covariate(conditions, name, trained_with, notes), dtype=torch.float32)
     return out
 
 

@@ -37,6 +37,7 @@ import torch
 
 from .config import STARTS, NormalizeConfig
 from .conditions import covariates, normalise_conditions
+from .data.batch import numeric_key
 from .data.schema import VALUES_COUNTS, VALUES_LOGNORM, DataError
 from .data.store import to_dense
 from .decode import DECODES, decode_counts, library_sizes
@@ -478,8 +479,9 @@ def control_covariates(cov: dict, found, opts: PredictOptions, notes: list[str])
         notes.append(f"start=controls: controls inverted as perturbation {label!r} (of {labels})")
     out = dict(cov, perturbation=torch.full_like(cov["perturbation"], vocab.index(label)))
     for name, value in found.control_numeric.items():
-        if f"num_{name}" in out:
-            out[f"num_{name}"] = torch.full_like(out[f"num_{name}"], float("nan") if value is None else value)
+        key = numeric_key(name)
+        if key in out:
+            out[key] = torch.full_like(out[key], float("nan") if value is None else value)
     return out
 
 

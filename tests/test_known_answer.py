@@ -22,7 +22,8 @@ from data_sharding.synthetic import generate
 from perturbdiff.config import (DataConfig, DiffusionConfig, HoldoutRule, HVGConfig, ModelConfig, PanelConfig,
                                 ShardConfig, SplitConfig, SynthConfig)
 from perturbdiff.data.loader import SetLoader
-from perturbdiff.diffusion import SetDiffusion, covariates_from_batch, sample_sets
+from perturbdiff.data.batch import covariates_of
+from perturbdiff.diffusion import SetDiffusion, sample_sets
 from perturbdiff.models import build_model
 from perturbdiff.ops.kme import mmd2
 
@@ -78,7 +79,7 @@ def test_brief_training_predicts_a_held_out_pair(data):
     model.eval()
     test = SetLoader(data, "test", log=lambda *a: None)
     batch = next(iter(test))
-    cond = {k: v[:1] for k, v in covariates_from_batch(batch).items()}
+    cond = {k: v[:1] for k, v in covariates_of(batch).items()}
     ctrl, ctrl_mask = batch["ctrl"][:1], batch["ctrl_mask"][:1]
     sampled = sample_sets(model, diffusion, ctrl=ctrl, ctrl_mask=ctrl_mask, cov=cond, num_cells=SET_SIZE,
                           num_samples=8, sample_steps=50, generator=torch.Generator().manual_seed(1))[0]  # [S, m, G]

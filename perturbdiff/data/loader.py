@@ -7,15 +7,8 @@ A rank's batches are fixed by (seed, epoch, rank, world): batch j holds the rank
 (j - first) % W == w, and the DataLoader returns workers' batches round-robin, so the sequence a
 rank sees is the same for any number of workers. The loader state is (epoch, next batch).
 
-Batch (dict of tensors):
-    x          float32 [B, M, P]  perturbed cells, normalised, zero rows where masked
-    mask       bool    [B, M]     True for real cells
-    ctrl       float32 [B, M, P]  control cells from the same (context, batch) pool
-    ctrl_mask  bool    [B, M]
-    context, batch, perturbation  int64 [B]  codes into the store's categories
-    group      int64 [B]  conditions-table row;  index  int64 [B]  position in the epoch order
-    num_<c>    float32 [B]  numeric covariates of the group (conditions.parquet columns, e.g. num_dose)
-    rows, ctrl_rows  int64 [B, M]  store rows (-1 where masked), for tracing and tests
+The batch (keys, shapes, dtypes) is specified in ``perturbdiff.data.batch``, which also holds
+``collate``, the workers' round-robin and ``ResumableLoader``.
 
 Errors: a DataError in a DataLoader worker (a damaged store read there) reaches the main process
 as the same DataError (path and problem): torch re-raises worker exceptions as ``type(msg)``, which
@@ -29,33 +22,17 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from perturbdiff.config import DataConfig
 
+from .batch import CODES, ResumableLoader, collate, worker_batches, worker_safe
 from .integrity import verify_once
 from .. import distributed as pdist
-from .sampler import SetSampler, SetSpec, num_batches
-from .schema import CONDITION_COLUMNS, DataError
+from .sampler import SetSampler, num_batches
+from .schema import CONDITION_COLUMNS
 from .splits import TRAIN, assign_splits, check_no_leakage
 from .store import CellStore
-
-
-# Key of the record a worker yields in place of a batch when it hits a DataError: [path, problem].
-DATA_ERROR_KEY = "__perturbdiff_data_error__"
-
-
-def worker_safe(batches: Iterator[dict]) -> Iterator[dict]:
-    """``batches``, except that in a DataLoader worker a DataError becomes a last error record
-    (re-raised by ResumableLoader.__iter__ in the main process as the same DataError)."""
-    if get_worker_info() is None:
-        yield from batches
-        return
-    try:
-        yield from batches
-    except DataError as err:
-        yield {DATA_ERROR_KEY: [err.path, err.problem]}
 
 
 class _SetDataset(IterableDataset):
@@ -70,73 +47,13 @@ class _SetDataset(IterableDataset):
         return worker_safe(self._batches())
 
     def _batches(self) -> Iterator[dict]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         store = CellStore(self.store_path)
         group, k = self.sampler.epoch_sets(self.epoch)
         B = self.cfg.sets_per_batch
-        for j in range(self.first, self.total):
-            if (j - self.first) % nw != wid:
-                continue
+        for j in worker_batches(self.first, self.total):
             pos = self.positions[j * B:(j + 1) * B]
             sets = [self.sampler.materialize(self.epoch, int(i), group[i], k[i]) for i in pos]
             yield collate(store, sets, self.panel, self.cfg, self.codes, self.numeric)
-
-
-def collate(store: CellStore, sets: list[SetSpec], panel: np.ndarray, cfg: DataConfig,
-            group_codes: np.ndarray, group_numeric: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
-    B, M, P = len(sets), cfg.set_size, len(panel)
-    x = np.zeros((B, M, P), dtype=np.float32)
-    ctrl = np.zeros((B, M, P), dtype=np.float32)
-    rows = np.full((B, M), -1, dtype=np.int64)
-    ctrl_rows = np.full((B, M), -1, dtype=np.int64)
-    for b, s in enumerate(sets):
-        n, c = len(s.rows), len(s.ctrl_rows)
-        x[b, :n] = store.read_dense(s.rows, panel, cfg.normalize)
-        ctrl[b, :c] = store.read_dense(s.ctrl_rows, panel, cfg.normalize)
-        rows[b, :n], ctrl_rows[b, :c] = s.rows, s.ctrl_rows
-    groups = np.array([s.group for s in sets], dtype=np.int64)
-    numeric = {f"num_{c}": torch.from_numpy(v[groups].astype(np.float32)) for c, v in (group_numeric or {}).items()}
-    return numeric | {
-        "x": torch.from_numpy(x), "mask": torch.from_numpy(rows >= 0),
-        "ctrl": torch.from_numpy(ctrl), "ctrl_mask": torch.from_numpy(ctrl_rows >= 0),
-        "context": torch.from_numpy(group_codes[groups, 0].copy()),
-        "batch": torch.from_numpy(group_codes[groups, 1].copy()),
-        "perturbation": torch.from_numpy(group_codes[groups, 2].copy()),
-        "group": torch.from_numpy(groups), "index": torch.tensor([s.index for s in sets], dtype=torch.int64),
-        "rows": torch.from_numpy(rows), "ctrl_rows": torch.from_numpy(ctrl_rows),
-    }
-
-
-class ResumableLoader:
-    """Epoch and next-batch bookkeeping shared by SetLoader and MultiSetLoader: iteration starts at
-    ``next_batch`` of ``epoch``; a finished training epoch moves to the next one, an evaluation
-    pass starts over. Subclasses give ``cfg``, ``eval_mode`` and ``_dataset(epoch, first)``."""
-
-    cfg: DataConfig
-    eval_mode: bool
-    epoch: int = 0
-    next_batch: int = 0
-
-    def _dataset(self, epoch: int, first: int) -> IterableDataset:
-        raise NotImplementedError
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.next_batch = int(epoch), 0
-
-    def __iter__(self):
-        workers = self.cfg.num_workers
-        dl = DataLoader(self._dataset(self.epoch, self.next_batch), batch_size=None, num_workers=workers,
-                        prefetch_factor=2 if workers else None, persistent_workers=False)
-        for batch in dl:
-            if DATA_ERROR_KEY in batch:
-                raise DataError(*batch[DATA_ERROR_KEY])
-            self.next_batch += 1
-            yield batch
-        if not self.eval_mode:
-            self.epoch, self.next_batch = self.epoch + 1, 0
-        else:
-            self.next_batch = 0
 
 
 class SetLoader(ResumableLoader):
@@ -162,8 +79,7 @@ class SetLoader(ResumableLoader):
             check_no_leakage(cond, self.split_labels, cfg.split, self.sampler.groups)
         self.panel = self.store.panel(cfg.panel)
         self.group_codes = np.stack([
-            np.searchsorted(self.store.categories(c), cond[c].to_numpy().astype(str)) for c in
-            ("context", "batch", "perturbation")], axis=1).astype(np.int64)
+            np.searchsorted(self.store.categories(c), cond[c].to_numpy().astype(str)) for c in CODES], axis=1).astype(np.int64)
         self.group_numeric = {c: cond[c].to_numpy(np.float64) for c in cond.columns if c not in CONDITION_COLUMNS}
         self.epoch, self.next_batch = 0, 0
 
@@ -186,7 +102,7 @@ class SetLoader(ResumableLoader):
     @property
     def vocabularies(self) -> dict[str, list[str]]:
         """Names of the context, batch and perturbation codes of a batch (the store's categories)."""
-        return {c: [str(n) for n in self.store.categories(c)] for c in ("context", "batch", "perturbation")}
+        return {c: [str(n) for n in self.store.categories(c)] for c in CODES}
 
     @property
     def control_perturbations(self) -> list[str]:

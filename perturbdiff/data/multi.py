@@ -24,18 +24,11 @@ In training with drop_last every rank has the same per-store batch counts, hence
 DataLoader worker w produces batches j with (j - first) % W == w and the DataLoader returns them
 round-robin, so the sequence is the same for any number of workers. State: (epoch, next batch).
 
-Batch (dict of tensors), as SetLoader's but in the union:
-    x          float32 [B, M, G]  perturbed cells; zeros in genes the store does not measure
-    mask       bool    [B, M]     True for real cells
-    ctrl       float32 [B, M, G]  control cells, same gene layout as x
-    ctrl_mask  bool    [B, M]
-    gene_mask  bool    [B, G]     True where the batch's store measures the gene
-    context, batch, perturbation  int64 [B]  codes into the union vocabularies above
-    dataset    int64   [B]        store index (into ``vocabularies["dataset"]``)
-    num_<c>    float32 [B]  numeric covariates, union of the stores' columns; NaN where the store
-               lacks the column (the model treats NaN as missing)
-    group, index, rows, ctrl_rows  PER-STORE values: conditions-table row of the batch's store, position
-               in that store's epoch order, that store's rows (-1 where masked)
+The batch is SetLoader's in the union (``perturbdiff.data.batch``): x and ctrl on the union genes
+(zeros where the store does not measure a gene), plus ``gene_mask`` [B, G] and ``dataset`` [B] (the
+store index, into ``vocabularies["dataset"]``); codes into the union vocabularies; numeric columns
+the union of the stores' (NaN where a store lacks one: the model treats NaN as missing); group,
+index, rows and ctrl_rows are PER-STORE values.
 
 Integrity: as SetLoader's. Each store's SetLoader runs ``data.verify_on_open``'s full pass for its
 store in the main process when it is built, and a DataError in a worker arrives as a DataError.
@@ -50,17 +43,17 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from perturbdiff.config import DataConfig
 
-from .loader import ResumableLoader, SetLoader, collate, worker_safe
+from .batch import CELL_KEYS, CODES, MASK_KEYS, TRACE_KEYS, ResumableLoader, collate, numeric_key, worker_batches, worker_safe
+from .loader import SetLoader
 from .schema import DataError
 from .splits import TRAIN
 from .store import CellStore
 
 SCHEDULE_STREAM = 7919  # RNG stream tag of the epoch's store order
-COVARIATES = ("context", "batch", "perturbation")
 
 
 class _MultiDataset(IterableDataset):
@@ -84,14 +77,10 @@ class _MultiDataset(IterableDataset):
         return worker_safe(self._batches())
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         stores: dict[int, CellStore] = {}
         epoch_sets: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         B = self.B
-        for j in range(self.first, len(self.order)):
-            if (j - self.first) % nw != wid:
-                continue
+        for j in worker_batches(self.first, len(self.order)):
             s, k = int(self.order[j]), int(self.local[j])
             if s not in stores:
                 stores[s] = CellStore(self.paths[s])
@@ -108,20 +97,20 @@ class _MultiDataset(IterableDataset):
         B, M, _ = batch["x"].shape
         cols = self.columns[s]
         out = {}
-        for key in ("x", "ctrl"):
+        for key in CELL_KEYS:
             dense = np.zeros((B, M, self.num_genes), dtype=np.float32)
             dense[:, :, cols] = batch[key].numpy()
             out[key] = torch.from_numpy(dense)
         gene_mask = np.zeros((B, self.num_genes), dtype=bool)
         gene_mask[:, cols] = True
         out["gene_mask"] = torch.from_numpy(gene_mask)
-        for c in COVARIATES:
+        for c in CODES:
             out[c] = torch.from_numpy(self.code_maps[s][c][batch[c].numpy()])
         out["dataset"] = torch.full((B,), s, dtype=torch.int64)
         for name in self.numeric_names:
-            key = f"num_{name}"
+            key = numeric_key(name)
             out[key] = batch[key] if key in batch else torch.full((B,), float("nan"), dtype=torch.float32)
-        for key in ("mask", "ctrl_mask", "group", "index", "rows", "ctrl_rows"):
+        for key in (*MASK_KEYS, *TRACE_KEYS):
             out[key] = batch[key]
         return out
 
@@ -184,9 +173,9 @@ class MultiSetLoader(ResumableLoader):
             v = sub.vocabularies
             names.append({"context": v["context"], "batch": [f"{ds}/{b}" for b in v["batch"]],
                           "perturbation": v["perturbation"]})
-        vocab = {c: sorted({n for per in names for n in per[c]}) for c in COVARIATES}
-        lookup = {c: {n: i for i, n in enumerate(vocab[c])} for c in COVARIATES}
-        code_maps = [{c: np.array([lookup[c][n] for n in per[c]], dtype=np.int64) for c in COVARIATES}
+        vocab = {c: sorted({n for per in names for n in per[c]}) for c in CODES}
+        lookup = {c: {n: i for i, n in enumerate(vocab[c])} for c in CODES}
+        code_maps = [{c: np.array([lookup[c][n] for n in per[c]], dtype=np.int64) for c in CODES}
                      for per in names]
         vocab["dataset"] = list(self.datasets)
         return vocab, code_maps

@@ -1,8 +1,9 @@
 """Stream exported training sets from WebDataset shards (local paths or any URL webdataset opens).
 
 Shards are split by node (rank) and by DataLoader worker, shuffled at shard level and in a buffer,
-decoded into the same batch layout as ``SetLoader`` (x, mask, ctrl, ctrl_mask, codes; see
-loader.py) with the same on-read normalisation.
+decoded into the batch of ``perturbdiff.data.batch`` with the same on-read normalisation as
+``SetLoader``; the batch differs from SetLoader's only where that module's table says (no rows /
+ctrl_rows; an ``epoch`` per set).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import webdataset as wds
 
 from perturbdiff.config import NormalizeConfig
 
+from .batch import CODES, numeric_key
 from .schema import DataError
 from .store import to_dense
 
@@ -50,11 +52,10 @@ def _decode(sample: dict, num_panel: int, set_size: int, normalize: NormalizeCon
         mask = np.zeros(set_size, dtype=bool)
         mask[:n] = True
         out[name], out[f"{name}_mask" if name == "ctrl" else "mask"] = padded, mask
-    c = meta["codes"]
-    out.update(context=c[0], batch=c[1], perturbation=c[2], group=meta["group"], index=meta["index"],
-               epoch=meta["epoch"])
+    out.update(zip(CODES, meta["codes"]))
+    out.update(group=meta["group"], index=meta["index"], epoch=meta["epoch"])
     for name, value in meta.get("numeric", {}).items():
-        out[f"num_{name}"] = np.float32(value)
+        out[numeric_key(name)] = np.float32(value)
     return out
 
 
@@ -76,7 +77,7 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 def wds_loader(path: str | Path, *, sets_per_batch: int, normalize: NormalizeConfig | None = None,
                num_workers: int = 0, shuffle_buffer: int = 64, seed: int = 0,
                urls: list[str] | None = None) -> tuple[torch.utils.data.DataLoader, dict]:
-    """A DataLoader over an export; returns (loader, manifest). Batches as in loader.py."""
+    """A DataLoader over an export; returns (loader, manifest). Batches: perturbdiff.data.batch."""
     manifest = read_wds_manifest(path)
     normalize = normalize or NormalizeConfig()
     urls = urls or [str(Path(path) / s) for s in manifest["shards"]]

@@ -4,9 +4,9 @@ The network (perturbdiff/models) predicts x0 for a noisy set; everything about n
 guidance and losses lives here.
 """
 
-from .objective import LossTerms, SetDiffusion, covariates_from_batch
+from .objective import LossTerms, SetDiffusion
 from .sampler import bridge_sets, invert_sets, sample_sets
 from .schedule import NoiseSchedule, respaced_timesteps
 
-__all__ = ["LossTerms", "NoiseSchedule", "SetDiffusion", "bridge_sets", "covariates_from_batch", "invert_sets",
+__all__ = ["LossTerms", "NoiseSchedule", "SetDiffusion", "bridge_sets", "invert_sets",
            "respaced_timesteps", "sample_sets"]

@@ -28,14 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DiffusionConfig
-from ..models.covariates import CATEGORICAL
+from ..data.batch import covariates_of
 from ..ops.kme import mmd2
 from .schedule import NoiseSchedule
-
-
-def covariates_from_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The covariate entries of a loader batch: categorical ids and numeric ``num_<name>`` values."""
-    return {k: v for k, v in batch.items() if k in CATEGORICAL or k.startswith("num_")}
 
 
 @dataclass
@@ -102,7 +97,7 @@ class SetDiffusion:
         drop_ctrl = _bernoulli(cfg.p_drop_control, B, generator, device)
         use_self = _bernoulli(cfg.p_self_cond, B, generator, device)
         kwargs = dict(mask=mask, ctrl=batch["ctrl"], ctrl_mask=batch["ctrl_mask"].bool(),
-                      cov=covariates_from_batch(batch), drop_cov=drop_cov, drop_ctrl=drop_ctrl)
+                      cov=covariates_of(batch), drop_cov=drop_cov, drop_ctrl=drop_ctrl)
         self_cond = None
         # The first pass runs whenever self-conditioning is on, even if no local set drew it: under
         # ZeRO-3 every forward is a collective, so all ranks must run the same passes.

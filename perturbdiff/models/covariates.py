@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-CATEGORICAL = ("context", "batch", "dataset", "perturbation")
+from ..data.batch import CATEGORICAL, numeric_key
+
 ENCODINGS = ("id", "table")
 # a categorical id meaning "a label the vocabulary lacks": that set's NULL token. Not -1, which is what
 # a missing pandas category codes to, so that such a bug stays an error
@@ -173,7 +174,7 @@ class CovariateEncoder(nn.Module):
             return int(drop.shape[0])
         if batch_size is not None:
             return int(batch_size)
-        for key in [*self.vocab_sizes, *(f"num_{n}" for n in self.numeric)]:
+        for key in [*self.vocab_sizes, *(numeric_key(n) for n in self.numeric)]:
             if key in cov:
                 return int(cov[key].shape[0])
         raise ValueError("cannot tell the batch size: pass drop or batch_size when no covariate is given")
@@ -197,7 +198,7 @@ class CovariateEncoder(nn.Module):
 
     def _numeric(self, cov: Mapping[str, Tensor], name: str, drop: Tensor) -> tuple[Tensor, Tensor]:
         """Sanitised (log1p) values [B] (0 where NULL) and the NULL mask [B] of one numeric covariate."""
-        key, B = f"num_{name}", drop.shape[0]
+        key, B = numeric_key(name), drop.shape[0]
         if key not in cov:
             return torch.zeros(B, device=drop.device), torch.ones_like(drop)
         value = cov[key]

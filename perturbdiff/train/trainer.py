@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig
 from ..diffusion import SetDiffusion
-from ..diffusion.objective import covariates_from_batch
+from ..data.batch import covariates_of
 from ..diffusion.sampler import sample_sets
 from ..eval.metrics import pearson_delta, set_mmd
 from .. import distributed as pdist
@@ -243,7 +243,7 @@ class Trainer:
                 ctrl_mask = b["ctrl_mask"].bool()
                 pred = sample_sets(model, self.diffusion, ctrl=b["ctrl"],
                                    ctrl_mask=torch.zeros_like(ctrl_mask) if marginal else ctrl_mask,
-                                   cov=covariates_from_batch(b), num_cells=x.shape[1], num_samples=1,
+                                   cov=covariates_of(b), num_cells=x.shape[1], num_samples=1,
                                    sample_steps=self.tcfg.sample_steps, generator=gen)[:, 0].float()
                 full = torch.ones_like(mask)
                 r = pearson_delta(pred, full, x, mask, b["ctrl"], ctrl_mask, gm)
