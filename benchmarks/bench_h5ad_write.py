@@ -2,7 +2,7 @@
 
     python benchmarks/bench_h5ad_write.py [--blocks 40] [--cells 512] [--genes 2000] [--repeats 5] [--dir DIR]
 
-``perturbdiff.predict.StreamingH5ad`` writes through a Python file object (``_WriteGuard``) so that
+``perturbdiff.data.h5ad_writer.StreamingH5ad`` writes through a Python file object (``_WriteGuard``) so that
 a full disk is a clean error instead of a crash at exit, so every HDF5 I/O call passes through
 Python; it grows X's CSR arrays itself in 1M-element chunks and reads nothing back. The writer it
 replaced appended with ``anndata.io.sparse_dataset(...).append`` on a plain ``h5py.File(path)``,
@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from perturbdiff.predict import StreamingH5ad  # noqa: E402
+from perturbdiff.data.h5ad_writer import StreamingH5ad  # noqa: E402
 
 
 def plain(path: Path, blocks: list[np.ndarray], genes: int) -> None:

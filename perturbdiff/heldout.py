@@ -137,7 +137,7 @@ def check_heldout(cfg: RunConfig, store, labels: np.ndarray) -> None:
 def _pool(held: HeldOutFile, cfg: RunConfig, genes: list[str], normalize: NormalizeConfig, contexts: list[str],
           opts):
     """The controls of each context: the file's where it has them, else the store's, as one pool."""
-    from .predict import ControlPool, _libraries, controls_from_h5ad, controls_from_store
+    from .predict import ControlPool, controls_from_h5ad, controls_from_store, pool_libraries
 
     shard = cfg.shard
     in_file = held.control_contexts()
@@ -155,15 +155,15 @@ def _pool(held: HeldOutFile, cfg: RunConfig, genes: list[str], normalize: Normal
         return parts[0]
     return ControlPool(np.concatenate([p.x for p in parts]), np.concatenate([p.context for p in parts]),
                        np.concatenate([p.batch for p in parts]), f"{held.path} + {cfg.data.store}",
-                       [n for p in parts for n in p.notes], _libraries([p.libraries for p in parts]))
+                       [n for p in parts for n in p.notes], pool_libraries([p.libraries for p in parts]))
 
 
 def _real(held: HeldOutFile, groups: pd.DataFrame, genes: list[str], normalize: NormalizeConfig, pool,
           out_path: Path, opts) -> Path:
     """The held-out file's cells of ``groups`` plus the same controls as the prediction."""
-    from .predict import _gene_map, h5ad_rows, write_real
+    from .predict import gene_map, h5ad_rows, write_real
 
-    panel_map, _ = _gene_map(held.adata.var_names.to_numpy(), genes, "zero", held.path)
+    panel_map, _ = gene_map(held.adata.var_names.to_numpy(), genes, "zero", held.path)
 
     def blocks():
         kind = None  # detected on the first block, as for the controls

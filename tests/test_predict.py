@@ -17,7 +17,8 @@ from perturbdiff.data.loader import SetLoader
 from perturbdiff.data.schema import DataError
 from perturbdiff.models import build_model
 from perturbdiff.conditions import read_conditions
-from perturbdiff.predict import PredictOptions, StreamingH5ad, controls_from_h5ad, predict, predict_split
+from perturbdiff.data.h5ad_writer import StreamingH5ad
+from perturbdiff.predict import PredictOptions, controls_from_h5ad, predict, predict_split
 from perturbdiff.foundation import load_foundation, save_foundation
 from helpers import data_cfg
 

@@ -387,7 +387,7 @@ def test_write_h5ad_matches_parquet(ds, cells, tmp_path):
     table, obs, X, gm = cells
     path = write_h5ad(out, tmp_path / "x.h5ad", chunk_cells=300)  # several batches per file
     assert path == tmp_path / "x.h5ad" and path.is_file()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.partial"))
     with h5py.File(path, "r") as h5:
         assert h5["X"].attrs["encoding-type"] == "csr_matrix"
         assert list(h5["X"].attrs["shape"]) == [3000, 300]
