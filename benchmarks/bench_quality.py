@@ -104,7 +104,7 @@ def run_one(split: str, seed: int, args, out: Path) -> dict:
     store = out / "stores" / ("devel.zarr" if split.startswith("devel") else "synth.zarr")
     common = [f"out_dir={run_dir}", f"data.store={store}", f"shard.out={store}", f"train.seed={seed}",
               f"pipeline.pretrain_steps={args.pretrain_steps}", f"pipeline.finetune_steps={args.finetune_steps}",
-              "pipeline.n_samples=3", "pipeline.report=false", "diffusion.sample_steps=25", "train.ckpt_every=0",
+              "predict.n_samples=3", "pipeline.report=false", "diffusion.sample_steps=25", "train.ckpt_every=0",
               "train.optim.lr=1e-3", "train.val_every=0", "train.sample_every=0", "data.num_workers=0"]
     if synthetic:
         common += [f"synth.out_dir={out / 'stores' / 'synth_source'}"]

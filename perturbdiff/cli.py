@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config, resolve_paths, save_config
+from .config import ConfigError, RunConfig, load_config, resolve_paths, save_config, validate_config
 from .data.schema import DataError
 from .errors import run_main
 
@@ -116,27 +116,40 @@ def cmd_pipeline(cfg: RunConfig, overwrite: bool) -> None:
     run_pipeline(cfg, overwrite)
 
 
+# flags that are aliases of config keys: (section, flag dest) -> field; a flag given wins over the config
+PREDICT_FLAGS = ("n_cells", "n_samples", "sets_per_batch", "sample_steps", "guidance", "missing_genes", "control_label",
+                 "seed", "device", "train_cells", "max_cells", "decode", "start")
+EVALUATE_FLAGS = ("control_label", "profile", "de_fdr", "methods", "distances", "seed", "pert_col", "context_col",
+                  "batch_col")
+
+
+def _with_flags(cfg: RunConfig, section: str, args, names) -> RunConfig:
+    """``cfg`` with the flags given on the command line written into ``cfg.<section>``, checked again."""
+    target = getattr(cfg, section)
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(target, name, value)
+    return validate_config(cfg)
+
+
 def cmd_predict(args) -> None:
-    from .predict import PredictOptions
     from . import distributed as pdist
 
-    opts = PredictOptions(n_cells=args.n_cells, n_samples=args.n_samples, sets_per_batch=args.sets_per_batch,
-                          sample_steps=args.sample_steps, guidance=args.guidance, missing_genes=args.missing_genes,
-                          control_label=args.control_label, seed=args.seed, device=args.device,
-                          train_cells=args.train_cells, max_cells=args.max_cells, decode=args.decode,
-                          start=args.start)
+    cfg = _with_flags(_load(args), "predict", args, PREDICT_FLAGS)
     info = pdist.init_distributed()  # under torchrun: the sets are split over the processes / GPUs
     try:
-        _predict(args, opts, info)
+        _predict(args, cfg, info)
     finally:
         pdist.cleanup()
 
 
-def _predict(args, opts, info) -> None:
+def _predict(args, cfg: RunConfig, info) -> None:
     from .conditions import read_conditions
     from .predict import controls_from_h5ad, predict, predict_split, write_prediction
     from .foundation import load_foundation
 
+    opts = cfg.predict
     found = load_foundation(args.checkpoint)
     out = Path(args.out)
     t0 = time.time()
@@ -161,14 +174,13 @@ def _predict(args, opts, info) -> None:
         paths = write_prediction(out, body, inputs=[args.checkpoint, args.controls, args.conditions],
                                  overwrite=args.overwrite)
     else:
-        cfg = _load(args)
         paths = predict_split(found, cfg.data.store, cfg.data.split, args.split, out, opts, overwrite=args.overwrite)
     if info.rank == 0:
         print(f"wrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.1f}s")
 
 
 def cmd_evaluate(args) -> None:
-    from .eval.evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
+    from .eval.evaluate import evaluate_files, format_table, prediction_files
 
     if args.dir:
         files = prediction_files(args.dir)  # a complete prediction, or an error naming what is missing
@@ -180,11 +192,13 @@ def cmd_evaluate(args) -> None:
             raise ConfigError("give --dir PREDICT_OUT, or --pred and --real (and --out)")
         pred, real, train = args.pred, args.real, args.train
         out = Path(args.out) if args.out else Path(pred).parent / "eval"
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    opts = EvaluateOptions(control_label=args.control_label, profile=args.profile, de_fdr=args.de_fdr,
-                           methods=methods, distances=not args.no_distances, seed=args.seed,
-                           pert_col=args.pert_col, context_col=args.context_col or None,
-                           batch_col=args.batch_col or None)
+    if args.methods is not None:
+        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.distances = False if args.no_distances else None
+    opts = _with_flags(_load(args), "evaluate", args, EVALUATE_FLAGS).evaluate
+    for col in ("context_col", "batch_col"):  # '' on the command line: the data have no such column
+        if getattr(opts, col) == "":
+            setattr(opts, col, None)
     ev = evaluate_files(pred, real, out, train, opts, overwrite=args.overwrite)
     print(format_table(ev))
     if ev.summary["score_baseline"]:
@@ -205,11 +219,10 @@ def cmd_report(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import STARTS
-    from .decode import DECODES
-    from .predict_options import PredictOptions
+    from .config import STARTS, EvaluateConfig, PredictConfig
+    from .config_rules import DECODES, PROFILES
 
-    PRED = PredictOptions()  # the predict flags take their defaults from it
+    PRED, EVAL = PredictConfig(), EvaluateConfig()  # the predict / evaluate flags' defaults (the config's)
 
     parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,45 +246,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pert-col", default="perturbation")
     p.add_argument("--context-col", default="context")
     p.add_argument("--batch-col", default=None)
-    p.add_argument("--control-label", default=PRED.control_label)
-    p.add_argument("--n-cells", type=int, default=PRED.n_cells, help="cells per population when conditions do not say")
-    p.add_argument("--n-samples", type=int, default=PRED.n_samples, help="sampled populations per condition")
-    p.add_argument("--sets-per-batch", type=int, default=PRED.sets_per_batch)
+    p.add_argument("--control-label", default=None, help=f"(predict.control_label; default {PRED.control_label!r})")
+    p.add_argument("--n-cells", type=int, default=None,
+                   help=f"cells per population when conditions do not say (predict.n_cells; default {PRED.n_cells})")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help=f"sampled populations per condition (predict.n_samples; default {PRED.n_samples})")
+    p.add_argument("--sets-per-batch", type=int, default=None, help=f"(default {PRED.sets_per_batch})")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--missing-genes", choices=("error", "zero"), default=PRED.missing_genes)
-    p.add_argument("--decode", choices=DECODES, default=PRED.decode,
+    p.add_argument("--guidance", type=float, default=None, help="(default: the checkpoint's)")
+    p.add_argument("--missing-genes", choices=("error", "zero"), default=None, help=f"(default {PRED.missing_genes})")
+    p.add_argument("--decode", choices=DECODES, default=None,
                    help="counts: generated cells as attainable counts at their context's library sizes (default); "
                         "continuous: the paper's output")
     p.add_argument("--start", choices=STARTS, default=None,
                    help="controls: each generated cell is a control cell of its context carried to the condition "
                         "(a diffusion bridge); noise: from pure noise (the paper); default: the checkpoint's "
                         "diffusion.start")
-    p.add_argument("--seed", type=int, default=PRED.seed)
-    p.add_argument("--device", default=PRED.device)
-    p.add_argument("--train-cells", type=int, default=PRED.train_cells,
-                   help="with --split: cells per training group sampled to train.h5ad for the baselines (0: none)")
-    p.add_argument("--max-cells", type=int, default=PRED.max_cells,
-                   help="with --conditions: the most cells one call may generate (a guard against typos)")
+    p.add_argument("--seed", type=int, default=None, help=f"(default {PRED.seed})")
+    p.add_argument("--device", default=None, help=f"(default {PRED.device})")
+    p.add_argument("--train-cells", type=int, default=None,
+                   help=f"with --split: cells per training group sampled to train.h5ad for the baselines (0: none; "
+                        f"default {PRED.train_cells})")
+    p.add_argument("--max-cells", type=int, default=None,
+                   help=f"with --conditions: the most cells one call may generate (a guard against typos; default "
+                        f"{PRED.max_cells:,})")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the run config (predict.* keys included: "
+                   "each flag above is an alias of one)")
     p = sub.add_parser("evaluate", help="score a prediction and the baselines (cell-eval metrics and more)")
     p.add_argument("--dir", default=None, help="a predict output directory (pred.h5ad, real.h5ad, train.h5ad)")
     p.add_argument("--pred", default=None)
     p.add_argument("--real", default=None)
     p.add_argument("--train", default=None, help="training cells, for the perturbation-mean, linear and latent-shift baselines")
     p.add_argument("--out", default=None, help="output directory (default: <dir>/eval)")
-    p.add_argument("--profile", default="full", choices=("full", "paper", "vcc", "minimal"))
-    p.add_argument("--methods", default="model,control_mean,perturbation_mean,linear,latent_shift,ceiling")
-    p.add_argument("--control-label", default="control")
-    p.add_argument("--pert-col", default="perturbation", help="obs column of the perturbation labels")
-    p.add_argument("--context-col", default="context",
-                   help="obs column of the context (cell type / line); '' for data with one context")
-    p.add_argument("--batch-col", default="batch", help="obs column of the replicate batch ('' for none)")
-    p.add_argument("--de-fdr", type=float, default=0.05)
+    p.add_argument("--config", action="append", default=[], help="YAML config with an evaluate section (repeatable)")
+    p.add_argument("--profile", default=None, choices=PROFILES, help=f"(evaluate.profile; default {EVAL.profile})")
+    p.add_argument("--methods", default=None, help=f"comma-separated (default {','.join(EVAL.methods)})")
+    p.add_argument("--control-label", default=None, help=f"(default {EVAL.control_label!r})")
+    p.add_argument("--pert-col", default=None, help=f"obs column of the perturbation labels (default {EVAL.pert_col!r})")
+    p.add_argument("--context-col", default=None,
+                   help=f"obs column of the context (cell type / line); '' for data with one context (default "
+                        f"{EVAL.context_col!r})")
+    p.add_argument("--batch-col", default=None, help=f"obs column of the replicate batch ('' for none; default "
+                   f"{EVAL.batch_col!r})")
+    p.add_argument("--de-fdr", type=float, default=None, help=f"(default {EVAL.de_fdr})")
     p.add_argument("--no-distances", action="store_true", help="skip MMD / energy distance per condition")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help=f"(default {EVAL.seed})")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. evaluate.profile=paper (the flags above "
+                   "are aliases of evaluate.* keys)")
     p = sub.add_parser("report", help="an HTML report of an evaluation (and the training curves)")
     p.add_argument("--eval", required=True, help="an evaluate output directory")
     p.add_argument("--run", action="append", default=[],

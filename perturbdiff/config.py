@@ -319,31 +319,79 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
-# training cells per group sampled to train.h5ad for the baselines (predict --train-cells, pipeline.train_cells)
+# training cells per group sampled to train.h5ad for the baselines (predict.train_cells)
 BASELINE_TRAIN_CELLS = 256
+# the evaluation's methods and metric profiles (perturbdiff/eval/schema.py METHODS, PROFILES; a test keeps them equal)
+EVAL_METHODS = ("model", "control_mean", "perturbation_mean", "linear", "latent_shift", "ceiling")
+
+
+@dataclass
+class PredictConfig:
+    """Prediction: ``perturbdiff predict`` (its flags are aliases of these keys: --n-samples is
+    predict.n_samples) and the pipeline's predict stage. The pipeline seeds it with train.seed."""
+
+    n_cells: int = 256  # per population, when a condition does not say
+    n_samples: int = 3  # populations per condition, when a condition does not say (calibration needs >= 2)
+    sets_per_batch: int = 16
+    sample_steps: Optional[int] = None  # DDIM steps; None: the checkpoint's diffusion.sample_steps
+    guidance: Optional[float] = None  # None: the checkpoint's diffusion.guidance
+    max_controls: int = 2_000  # real control cells per context appended to the outputs
+    train_cells: int = BASELINE_TRAIN_CELLS  # > 0: with a split, this many cells per training group go to
+    # train.h5ad (for the baselines); 0: none
+    max_cells: int = 5_000_000  # generated cells per call, over all conditions (a bound on typos like 1e9)
+    missing_genes: str = "error"  # error | zero
+    # counts: every generated cell decoded to attainable values (integer counts at a library size of its
+    # context's control cells, normalised as the data; perturbdiff.decode); continuous: the paper's output
+    decode: str = "counts"
+    start: Optional[str] = None  # controls | noise (None: the checkpoint's diffusion.start)
+    control_label: str = "control"
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation: ``perturbdiff evaluate`` (its flags are aliases of these keys) and the pipeline's
+    evaluate stage. The pipeline seeds it with train.seed."""
+
+    control_label: str = "control"
+    profile: str = "full"  # full | paper | vcc | minimal
+    de_fdr: float = 0.05
+    methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS))  # those needing train are skipped
+    # (noted) without one
+    distances: bool = True
+    calibration: bool = True
+    cap: int = 2_000  # cells per side for the distances
+    seed: int = 0
+    # the user's obs columns (renamed to the evaluation layout on read); context_col None: one context
+    pert_col: str = "perturbation"
+    context_col: Optional[str] = "context"
+    batch_col: Optional[str] = "batch"
 
 
 @dataclass
 class PipelineConfig:
     """The end-to-end job after the store (``perturbdiff pipeline``, the main job's second half):
-    pretrain -> fine-tune -> predict the test split -> evaluate with baselines -> report. Both
-    training stages take data / model / diffusion / train from this config; these set what differs."""
+    pretrain -> fine-tune -> predict the test split (the ``predict`` section) -> evaluate with
+    baselines (the ``evaluate`` section) -> report. Both training stages take data / model /
+    diffusion / train from this config; these set what differs."""
 
     # the CPU budget of configs/cpu.yaml and the quality benchmark (docs/benchmarks.md)
     pretrain_steps: int = 150  # marginal pretraining steps (0 = fine-tune from scratch)
     finetune_steps: int = 1500
     pretrain_lr: Optional[float] = None  # None: train.optim.lr
-    n_samples: int = 3  # sampled populations per held-out condition (calibration needs >= 2)
-    sample_steps: Optional[int] = None  # DDIM steps for prediction (None: diffusion.sample_steps)
-    train_cells: int = BASELINE_TRAIN_CELLS
     # the truth from a second h5ad (perturbdiff/heldout.py): its perturbed groups are predicted and
     # scored, its controls condition them; None: the store's data.split.test groups
     test_h5ad: Optional[str] = None
     # data.panel kind hvg: the genes chosen on the training and control cells only (the test cells take no part)
     panel_from_training: bool = True
-    decode: str = "counts"  # counts (attainable counts, perturbdiff/decode.py) | continuous (the paper's output)
-    profile: str = "full"  # evaluate metric profile: full | paper | vcc | minimal
     report: bool = True
+
+
+# keys that moved to another section: an old config names its key and the new one
+MOVED_KEYS = {"pipeline.n_samples": "predict.n_samples", "pipeline.sample_steps": "predict.sample_steps",
+              "pipeline.train_cells": "predict.train_cells", "pipeline.decode": "predict.decode",
+              "pipeline.profile": "evaluate.profile"}
 
 
 @dataclass
@@ -359,6 +407,8 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +570,8 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
             merged = OmegaConf.merge(merged, src)
         except (ConfigKeyError, ConfigAttributeError) as err:
             key = literals.text(getattr(err, "full_key", None) or err)
+            if str(key) in MOVED_KEYS:
+                raise ConfigError(f"{where}: '{key}' is now '{MOVED_KEYS[str(key)]}'") from None
             raise ConfigError(f"{where}: unknown config key '{key}'{_suggest(str(key), base)}") from None
         except ValidationError as err:
             raise ConfigError(f"{where}: bad value for '{err.full_key}': {literals.text(err.msg)}") from None

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .config import STARTS, ConfigError, HoldoutRule, RunConfig
+from .config import EVAL_METHODS, STARTS, ConfigError, HoldoutRule, RunConfig
 
 # ---------------------------------------------------------------------------------------------
 # Rules
@@ -187,6 +187,7 @@ OUTPUT_ACTIVATIONS = ("relu", "none")  # perturbdiff/models/mmdit.py
 BACKENDS = ("ddp", "deepspeed")  # perturbdiff/train/engine.py BACKEND_NAMES
 PRECISIONS = ("auto", "fp32", "bf16")  # perturbdiff/train/engine.py
 PROFILES = ("full", "paper", "vcc", "minimal")  # perturbdiff/eval/schema.py PROFILES
+DECODES = ("counts", "continuous")  # perturbdiff/decode.py DECODES
 
 RULES: dict[str, Rule] = {
     # run
@@ -307,11 +308,25 @@ RULES: dict[str, Rule] = {
     "pipeline.pretrain_steps": COUNT,  # 0 = fine-tune from scratch
     "pipeline.finetune_steps": POSITIVE_INT,
     "pipeline.pretrain_lr": POSITIVE,
-    "pipeline.n_samples": POSITIVE_INT,
-    "pipeline.sample_steps": POSITIVE_INT,
-    "pipeline.train_cells": COUNT,  # 0: no training cells for the baselines
-    "pipeline.profile": Choice(PROFILES),
-    "pipeline.decode": Choice(("counts", "continuous")),  # perturbdiff/decode.py DECODES
+    # predict (perturbdiff predict, the pipeline's predict stage)
+    "predict.n_cells": POSITIVE_INT,
+    "predict.n_samples": POSITIVE_INT,
+    "predict.sets_per_batch": POSITIVE_INT,
+    "predict.sample_steps": POSITIVE_INT,
+    "predict.guidance": NON_NEGATIVE,
+    "predict.max_controls": POSITIVE_INT,
+    "predict.train_cells": COUNT,  # 0: no training cells for the baselines
+    "predict.max_cells": POSITIVE_INT,
+    "predict.missing_genes": Choice(("error", "zero")),
+    "predict.decode": Choice(DECODES),
+    "predict.start": Choice(STARTS),
+    "predict.seed": SEED,
+    # evaluate (perturbdiff evaluate, the pipeline's evaluate stage)
+    "evaluate.profile": Choice(PROFILES),
+    "evaluate.de_fdr": Number(0, 1, lo_open=True),
+    "evaluate.methods": Each(Choice(EVAL_METHODS), distinct=True),
+    "evaluate.cap": POSITIVE_INT,
+    "evaluate.seed": SEED,
 }
 
 # Leaves that take any value of their type: names, paths, labels, column names.
@@ -321,6 +336,8 @@ FREE: frozenset[str] = frozenset({
     "shard.context_col", "shard.batch_col", "shard.control_label", "shard.cell_id_col", "shard.extra_obs",
     "shard.gene_symbol_col", "shard.control_drug",
     "data.store", "data.stores", "data.panel.genes_file", "pipeline.test_h5ad",
+    "predict.control_label", "predict.device", "evaluate.control_label", "evaluate.pert_col", "evaluate.context_col",
+    "evaluate.batch_col",
     "wds.out", "model.perturbation_table",
 })
 
@@ -335,7 +352,7 @@ def _sample_steps_within_steps(cfg: RunConfig) -> Iterator[str]:
     steps = cfg.diffusion.steps
     for key, value in (("diffusion.sample_steps", cfg.diffusion.sample_steps),
                        ("train.sample_steps", cfg.train.sample_steps),
-                       ("pipeline.sample_steps", cfg.pipeline.sample_steps)):
+                       ("predict.sample_steps", cfg.predict.sample_steps)):
         if _is_int(value) and _is_int(steps) and value > steps:
             yield f"{key}={value}: must be <= diffusion.steps ({steps})"
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -222,17 +223,15 @@ def train_stages(cfg: RunConfig, overwrite: bool, stage: Stages) -> Path:
 
 def predict_stage(cfg: RunConfig, foundation: Path, labels: np.ndarray, stage: Stages) -> Path:
     from .heldout import predict_heldout
-    from .predict import PredictOptions, predict_split
+    from .predict import predict_split
     from .foundation import load_foundation
 
     p = cfg.pipeline
     out = Path(cfg.out_dir) / "predict"
+    opts = replace(cfg.predict, seed=cfg.train.seed)  # the predict section, seeded like the whole run
     what = f"the conditions of {p.test_h5ad}" if p.test_h5ad else "the held-out (test) conditions"
-    stage(f"predict {what}: {p.n_samples} population(s) each, "
-          f"{p.sample_steps or cfg.diffusion.sample_steps} DDIM steps -> {out}")
-    opts = PredictOptions(n_samples=p.n_samples, sample_steps=p.sample_steps, train_cells=p.train_cells,
-                          decode=p.decode,
-                          seed=cfg.train.seed)
+    stage(f"predict {what}: {opts.n_samples} population(s) each, "
+          f"{opts.sample_steps or cfg.diffusion.sample_steps} DDIM steps -> {out}")
     t0 = time.time()
 
     def log(s: str) -> None:
@@ -249,14 +248,14 @@ def predict_stage(cfg: RunConfig, foundation: Path, labels: np.ndarray, stage: S
 
 
 def evaluate_stage(cfg: RunConfig, pred_dir: Path, stage: Stages) -> Path:
-    from .eval.evaluate import EvaluateOptions, evaluate_files, format_table, prediction_files
+    from .eval.evaluate import evaluate_files, format_table, prediction_files
 
     out = Path(cfg.out_dir) / "eval"
     stage(f"evaluate against the truth beside the baselines (cell-eval 0.6.6 metrics, MMD, energy distance, "
           f"calibration) -> {out}")
     files = prediction_files(pred_dir)  # the whole prediction, or an error saying what is missing
     ev = evaluate_files(files["pred"], files["real"], out, files["train"],
-                        EvaluateOptions(profile=cfg.pipeline.profile, seed=cfg.train.seed),
+                        replace(cfg.evaluate, seed=cfg.train.seed),
                         log=lambda s: print(f"      {s.strip()}"), overwrite=True)
     print("\n".join(f"      {line}" for line in format_table(ev).splitlines()))
     return out

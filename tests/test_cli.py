@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,8 @@ def test_demo_main_job_tiny(tmp_path):
     """The main job end to end at toy scale: every stage runs and leaves its outputs."""
     out = tmp_path / "run"
     res = run_cli("demo", "--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", *TINY,
-                  "pipeline.pretrain_steps=4", "pipeline.finetune_steps=6", "pipeline.n_samples=2",
-                  "pipeline.sample_steps=4", "pipeline.train_cells=32", "train.val_every=3", "train.sample_every=6",
+                  "pipeline.pretrain_steps=4", "pipeline.finetune_steps=6", "predict.n_samples=2",
+                  "predict.sample_steps=4", "predict.train_cells=32", "train.val_every=3", "train.sample_every=6",
                   "train.log_every=2")
     assert res.returncode == 0, res.stderr[-3000:]
     for k in range(1, 8):
@@ -53,10 +54,28 @@ def test_demo_main_job_tiny(tmp_path):
     assert "data:image/png;base64," in html and "finetune" in html
     # a second run finds everything done: the store is verified, training resumes at its last step
     res2 = run_cli("demo", "--config", str(ROOT / "configs" / "demo.yaml"), f"out_dir={out}", *TINY,
-                   "pipeline.pretrain_steps=4", "pipeline.finetune_steps=6", "pipeline.n_samples=2",
-                   "pipeline.sample_steps=4", "pipeline.train_cells=32", "pipeline.report=false")
+                   "pipeline.pretrain_steps=4", "pipeline.finetune_steps=6", "predict.n_samples=2",
+                   "predict.sample_steps=4", "predict.train_cells=32", "pipeline.report=false")
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert "exists: verify it" in res2.stdout and "[6/6]" in res2.stdout
+    # evaluate reads the evaluate section of a config and key=value overrides; a flag given wins
+    conf = tmp_path / "eval.yaml"
+    conf.write_text("evaluate:\n  profile: paper\n  methods: [model, control_mean]\n  seed: 5\n")
+    res3 = run_cli("evaluate", "--dir", str(out / "predict"), "--out", str(tmp_path / "ev"), "--config", str(conf),
+                   "evaluate.de_fdr=0.1", "--seed", "7")
+    assert res3.returncode == 0, res3.stderr[-3000:]
+    options = json.loads((tmp_path / "ev" / "summary.json").read_text())["options"]
+    assert (options["profile"], options["methods"], options["de_fdr"], options["seed"]) == \
+        ("paper", ["model", "control_mean"], 0.1, 7)
+
+
+def test_predict_and_evaluate_keys_moved_out_of_pipeline(tmp_path):
+    """The predict / evaluate settings are their sections' keys; an old pipeline.* key says where it went."""
+    res = run_cli("pipeline", f"out_dir={tmp_path}", "pipeline.decode=counts")
+    assert res.returncode == 2
+    assert "'pipeline.decode' is now 'predict.decode'" in res.stderr
+    res = run_cli("evaluate", "--pred", "p.h5ad", "--real", "r.h5ad", "evaluate.profile=everything")
+    assert res.returncode == 2 and "evaluate.profile='everything': must be one of" in res.stderr
 
 
 def test_pipeline_needs_a_test_split(tmp_path):

@@ -195,7 +195,7 @@ def test_the_cpu_preset_loads_with_every_data_preset():
     root = Path(__file__).resolve().parents[1] / "configs"
     base = load_config([str(root / "cpu.yaml")])
     assert base.diffusion.guidance == 0.5 and base.diffusion.start == "controls"
-    assert base.data.include_controls and base.pipeline.decode == "counts"
+    assert base.data.include_controls and base.predict.decode == "counts"
     assert (base.pipeline.pretrain_steps, base.pipeline.finetune_steps) == (150, 1500)
     assert (RunConfig().pipeline.pretrain_steps, RunConfig().pipeline.finetune_steps) == (150, 1500)  # the same
     for preset in sorted((root / "data").glob("*.yaml")):

@@ -50,12 +50,12 @@ def load_error(*overrides: str, files: tuple[str, ...] = ()) -> str:
     ("train.keep_last=0", "train.keep_last=0: must be an integer >= 1"),
     ("train.sample_steps=2000", "train.sample_steps=2000: must be <= diffusion.steps (1000)"),
     ("diffusion.sample_steps=1001", "diffusion.sample_steps=1001: must be <= diffusion.steps (1000)"),
-    ("pipeline.sample_steps=5000", "pipeline.sample_steps=5000: must be <= diffusion.steps (1000)"),
+    ("predict.sample_steps=5000", "predict.sample_steps=5000: must be <= diffusion.steps (1000)"),
     ("data.sampling=random", "data.sampling='random': must be one of proportional | balanced"),
     ("shard.compressor=gzip", "shard.compressor='gzip': must be one of none | lz4 | zstd"),
     ("shard.hvg.flavor=cell_ranger", "shard.hvg.flavor='cell_ranger': must be one of seurat_v3 | dispersion"),
     ("model.size=huge", "model.size='huge': must be one of tiny | small | paper | large | xl"),
-    ("pipeline.profile=everything", "pipeline.profile='everything': must be one of full | paper | vcc | minimal"),
+    ("evaluate.profile=everything", "evaluate.profile='everything': must be one of full | paper | vcc | minimal"),
     ("train.engine.zero_stage=4", "train.engine.zero_stage=4: must be one of 1 | 2 | 3"),
     ("train.engine.grad_accum=0", "train.engine.grad_accum=0: must be an integer >= 1"),
     ("train.dist_timeout_s=0", "train.dist_timeout_s=0.0: must be a number > 0"),
@@ -101,10 +101,10 @@ def test_a_later_source_can_repair_an_earlier_one(tmp_path):
     ["train.val_every=0", "train.sample_every=0", "train.ckpt_every=0", "pipeline.pretrain_steps=0"],  # 0 = never
     ["train.optim.ema_every=0", "train.optim.grad_clip=0", "train.optim.warmup_steps=0", "diffusion.mmd_weight=0"],
     ["diffusion.p_drop_control=1", "diffusion.p_drop_cond=0", "train.optim.min_lr_ratio=1", "train.optim.ema_decay=0"],
-    ["diffusion.sample_steps=1000", "train.sample_steps=1000", "pipeline.sample_steps=1000"],  # the bound itself
+    ["diffusion.sample_steps=1000", "train.sample_steps=1000", "predict.sample_steps=1000"],  # the bound itself
     ["diffusion.steps=2", "diffusion.beta_end=0.0019", "diffusion.sample_steps=2", "train.sample_steps=1"],
-    ["data.num_workers=0", "pipeline.train_cells=0", "synth.num_drugs=0", "data.split.random_val_fraction=0"],
-    ["model.depth=null", "pipeline.pretrain_lr=null", "pipeline.sample_steps=null", "data.panel.genes_file=null"],
+    ["data.num_workers=0", "predict.train_cells=0", "synth.num_drugs=0", "data.split.random_val_fraction=0"],
+    ["model.depth=null", "pipeline.pretrain_lr=null", "predict.sample_steps=null", "data.panel.genes_file=null"],
     ["model.depth=3", "model.width=96", "model.heads=6", "model.dropout=0.1", "train.engine.zero_stage=3"],
     ["diffusion.schedule=cosine", "diffusion.steps=10", "diffusion.sample_steps=10", "train.sample_steps=10"],
     ["train.resume=never", "train.resume=/some/checkpoints/step_00000100", "train.engine.backend=deepspeed",
@@ -195,7 +195,9 @@ def test_choices_match_the_code_that_reads_them():
     """The rule table is torch-free, so it spells out choices that heavier modules define."""
     from data_sharding.writer import COMPRESSORS
     from perturbdiff.diffusion.schedule import SCHEDULES, respaced_timesteps
-    from perturbdiff.eval.schema import PROFILES
+    from perturbdiff.config import EVAL_METHODS
+    from perturbdiff.decode import DECODES
+    from perturbdiff.eval.schema import METHODS, PROFILES
     from perturbdiff.models.covariates import ENCODINGS
     from perturbdiff.models.mmdit import OUTPUT_ACTIVATIONS
     from perturbdiff.models.presets import PRESETS
@@ -217,7 +219,9 @@ def test_choices_match_the_code_that_reads_them():
     assert choices("model.output_activation") == set(OUTPUT_ACTIVATIONS)
     assert choices("train.engine.backend") == set(BACKEND_NAMES)
     assert choices("train.engine.precision") == set(PRECISIONS)
-    assert choices("pipeline.profile") == set(PROFILES)
+    assert choices("evaluate.profile") == set(PROFILES)
+    assert choices("predict.decode") == set(DECODES)
+    assert EVAL_METHODS == METHODS and set(RULES["evaluate.methods"].item.values) == set(METHODS)
     for kind in choices("diffusion.respacing"):
         assert respaced_timesteps(10, 3, kind)
 

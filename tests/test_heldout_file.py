@@ -22,7 +22,7 @@ TINY = ("shard.source=h5ad", "shard.perturbation_col=perturbation", "shard.conte
         "data.panel.kind=all", "data.set_size=8", "data.sets_per_batch=2", "data.num_workers=0",
         "model.size=tiny", "diffusion.kme_impl=torch", "train.progress=false", "train.val_every=0",
         "train.sample_every=0", "train.log_every=2", "pipeline.pretrain_steps=2", "pipeline.finetune_steps=3",
-        "pipeline.n_samples=2", "pipeline.sample_steps=3", "pipeline.train_cells=16", "pipeline.report=false")
+        "predict.n_samples=2", "predict.sample_steps=3", "predict.train_cells=16", "pipeline.report=false")
 
 
 def _file(path: Path, seed: int, contexts, n: int, genes=GENES) -> Path:

@@ -133,7 +133,7 @@ def test_other_command_errors_are_one_line(world, tmp_path, capsys):
         (["evaluate", "--pred", str(world["controls"]), "--real", str(world["few"]), "--out", str(tmp_path / "e")],
          "perturbdiff evaluate", "var_names differ"),
         (["evaluate", "--pred", str(world["controls"]), "--real", str(world["controls"]), "--methods", "model,oracle",
-          "--out", str(tmp_path / "e")], "perturbdiff evaluate", "unknown method(s) ['oracle']"),
+          "--out", str(tmp_path / "e")], "perturbdiff evaluate", "evaluate.methods[1]='oracle': must be one of model"),
         (["report", "--eval", str(root / "nope")], "perturbdiff report", "nope"),
         (["verify", str(root / "nope.zarr")], "perturbdiff verify", "not a PerturbDiff store"),
         (["shard", "shard.source=h5ad", f"shard.inputs=[{root / 'none.h5ad'}]", f"shard.out={tmp_path / 's.zarr'}"],

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..config import EvaluateConfig
 from ..data.schema import DataError
 from ..outputs import OutputLock, Staging, check_output, out_of_space, require_complete, space_error
 from .fidelity import fidelity
@@ -43,20 +44,8 @@ from .schema import (FIDELITY, HEADLINE, METHODS, NEEDS_TRAIN, PROFILES, REFEREN
                      SEED_INDEX, EvalDir, empty_scores)
 from .score import normalised_scores
 
-@dataclass
-class EvaluateOptions:
-    control_label: str = "control"
-    profile: str = "full"  # full | paper | vcc | minimal
-    de_fdr: float = 0.05
-    methods: tuple[str, ...] = METHODS  # those needing train are skipped (noted) without one
-    distances: bool = True
-    calibration: bool = True
-    cap: int = 2_000  # cells per side for the distances
-    seed: int = 0
-    # the user's obs columns (renamed to the evaluation layout on read); context_col None: one context
-    pert_col: str = "perturbation"
-    context_col: str | None = "context"
-    batch_col: str | None = "batch"
+# the options of an evaluation: the ``evaluate`` config section (perturbdiff evaluate's flags, the pipeline)
+EvaluateOptions = EvaluateConfig
 
 
 def _conditions(real, pred, control: str) -> pd.DataFrame:
