@@ -321,7 +321,7 @@ class TrainConfig:
 
 # training cells per group sampled to train.h5ad for the baselines (predict.train_cells)
 BASELINE_TRAIN_CELLS = 256
-# the evaluation's methods and metric profiles (perturbdiff/eval/schema.py METHODS, PROFILES; a test keeps them equal)
+# the evaluation's methods (perturbdiff/eval/schema.py METHODS is this tuple)
 EVAL_METHODS = ("model", "control_mean", "perturbation_mean", "linear", "latent_shift", "ceiling")
 
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..config import EVAL_METHODS
 from ..data.schema import DataError
 
-METHODS = ("model", "control_mean", "perturbation_mean", "linear", "latent_shift", "ceiling")
+METHODS = EVAL_METHODS  # defined with the evaluate config section (its default methods)
 NEEDS_TRAIN = ("perturbation_mean", "linear", "latent_shift")  # the baselines built from training cells
 SCORE_BASELINE = "perturbation_mean"  # cell-eval's normalised score is against this method
 # each method's random stream; fixed as methods are added, so earlier methods keep their numbers
