@@ -13,43 +13,27 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 
 from perturbdiff.config import ShardConfig
-from perturbdiff.data.schema import MANIFEST_FILE, VALUES_COUNTS, DataError, file_sha256
+from perturbdiff.data.schema import MANIFEST_FILE, VALUES_COUNTS, DataError, StoreManifest, file_sha256
 from perturbdiff.outputs import OutputLock, check_output, read_marker, remove_output, write_marker
 
-from .parts import write_part
+from . import h5ad, hvg, tahoe
+from .parts import Plan, write_part
 from .pool import run_parallel
-from .writer import merge_parts
+from .writer import COMPRESSORS, merge_parts
 
-
-@dataclass
-class Plan:
-    """What a source module tells the driver."""
-
-    source: str  # "tahoe" | "h5ad"
-    files: list[Path]
-    tasks: list[dict[str, Any]]  # one per part; each has "file" and "hash" (hash the file in this task)
-    gene_ids: np.ndarray
-    gene_symbols: np.ndarray
-    value_kind: str
-    shared: dict[str, Any] = field(default_factory=dict)  # passed to every task
-    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
+# The source formats: each module has plan(cfg, log) -> Plan and convert_task(task, shared) -> PartData.
+SOURCES = {"tahoe": tahoe, "h5ad": h5ad}
 
 
 def _source_module(name: str):
-    if name == "tahoe":
-        from . import tahoe
-        return tahoe
-    if name == "h5ad":
-        from . import h5ad
-        return h5ad
-    raise DataError(None, f"unknown shard.source {name!r}: use 'tahoe' or 'h5ad'")
+    if name not in SOURCES:
+        raise DataError(None, f"unknown shard.source {name!r}: use {' or '.join(map(repr, SOURCES))}")
+    return SOURCES[name]
 
 
 def _run_task(args: tuple) -> dict:
@@ -66,11 +50,10 @@ def _log_part(log: Callable[[str], None], done: int, total: int, res: dict) -> N
     log(f"  part {done}/{total}: {res['n']:,} cells from {Path(res['source']['file']).name}")
 
 
-def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: bool = False) -> StoreManifest:
     """Convert ``cfg.inputs`` into the store ``cfg.out``; returns the manifest."""
     if not cfg.out:
         raise DataError(None, "shard.out (the store path) is not set")
-    from .writer import COMPRESSORS
     if cfg.compressor not in COMPRESSORS:
         raise DataError(None, f"shard.compressor must be one of {sorted(COMPRESSORS)}, not {cfg.compressor!r}")
     # Before any work: the store and its two siblings (the parts, the store being merged) must be
@@ -82,18 +65,18 @@ def convert(cfg: ShardConfig, log: Callable[[str], None] = print, overwrite: boo
         check_output(path, kind, inputs=inputs, replaces=False)
     if (out / MANIFEST_FILE).is_file() and not overwrite:
         log(f"{out} is already a complete store; nothing to do (pass --overwrite to rebuild)")
-        return json.loads((out / MANIFEST_FILE).read_text())
+        return StoreManifest.read(out)
     with OutputLock(out, "store"):
         return _convert(cfg, out, work, log)
 
 
-def _convert(cfg: ShardConfig, out: Path, work: Path, log: Callable[[str], None]) -> dict:
+def _convert(cfg: ShardConfig, out: Path, work: Path, log: Callable[[str], None]) -> StoreManifest:
     module = _source_module(cfg.source)
     t0 = time.time()
     plan: Plan = module.plan(cfg, log=log)
     flavor = cfg.hvg.flavor
-    if flavor not in ("seurat_v3", "dispersion"):
-        raise DataError(None, f"shard.hvg.flavor must be seurat_v3 or dispersion, not {flavor!r}")
+    if flavor not in hvg.FLAVORS:
+        raise DataError(None, f"shard.hvg.flavor must be {' or '.join(hvg.FLAVORS)}, not {flavor!r}")
     if plan.value_kind != VALUES_COUNTS and flavor == "seurat_v3":
         log("note: seurat_v3 needs raw counts; this input is log-normalised, so HVGs use the dispersion flavor")
         flavor = "dispersion"
@@ -146,35 +129,3 @@ def _convert(cfg: ShardConfig, out: Path, work: Path, log: Callable[[str], None]
         remove_output(work, "work")
     log(f"conversion done in {time.time() - t0:.1f}s")
     return manifest
-
-
-def check_values(path: Path, data: np.ndarray, indptr: np.ndarray, row0: int, require_integer: bool,
-                 max_count: float | None = None) -> None:
-    """The one value check of every converter; names the first bad cell row.
-
-    Values must be finite and non-negative. Raw counts (``require_integer``) must also be integers
-    and, when ``max_count`` is given, at most ``shard.max_count``: one gene in one cell with, say,
-    1e30 UMIs is a corrupt or mis-scaled file, not biology, and float32 (how X/data is stored)
-    holds integers exactly only up to 2**24. Check the values before casting them to float32, so a
-    float64 value too large for float32 is reported as such rather than as infinite.
-    """
-    bad = ~np.isfinite(data)
-    what = "NaN or infinite"
-    if not bad.any():
-        bad = data < 0
-        what = "negative"
-    if not bad.any() and require_integer:
-        bad = data != np.round(data)
-        what = "non-integer"
-    if bad.any():
-        pos = int(np.flatnonzero(bad)[0])
-        row = int(np.searchsorted(indptr, pos, side="right") - 1) + row0
-        raise DataError(path, f"{what} value {float(data[pos])!r} in cell row {row}; raw counts are expected "
-                        "(finite, non-negative integers)")
-    if require_integer and max_count is not None and data.size:
-        over = data > max_count
-        if over.any():
-            pos = int(np.flatnonzero(over)[0])
-            row = int(np.searchsorted(indptr, pos, side="right") - 1) + row0
-            raise DataError(path, f"implausible count {float(data[pos]):.6g} in cell row {row}: above "
-                            f"shard.max_count={max_count:.6g} (raise shard.max_count if such counts are genuine)")

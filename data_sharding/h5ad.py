@@ -32,10 +32,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from perturbdiff.config import ShardConfig
-from perturbdiff.data.schema import IMPLICIT_LABEL, VALUES_COUNTS, VALUES_LOGNORM, DataError
+from perturbdiff.data.schema import IMPLICIT_LABEL, VALUE_KINDS, VALUES_COUNTS, VALUES_LOGNORM, DataError
 
-from .convert import Plan, check_values
-from .parts import PartData
+from .parts import PartData, Plan, check_values
 
 LOGNORM_MAX = 30.0  # log1p values above this are implausible (1e13 counts)
 
@@ -203,14 +202,14 @@ def _detect_values(f: h5py.File, path: Path, n_obs: int, forced: str, max_count:
     for (a, _), m in zip(probe, datas):
         check_values(path, m.data, m.indptr, a, require_integer=False)
     integer = bool(np.all(data == np.round(data)))
-    if forced == "counts":
+    if forced == VALUES_COUNTS:
         if not integer:
             raise DataError(path, "shard.values=counts but X holds non-integer values")
         kind = VALUES_COUNTS
-    elif forced == "lognorm":
+    elif forced == VALUES_LOGNORM:
         kind = VALUES_LOGNORM
     elif forced != "auto":
-        raise DataError(None, f"shard.values must be auto, counts or lognorm, not {forced!r}")
+        raise DataError(None, f"shard.values must be auto, {' or '.join(VALUE_KINDS)}, not {forced!r}")
     elif integer:
         kind = VALUES_COUNTS
     elif data.size and data.max() > LOGNORM_MAX:

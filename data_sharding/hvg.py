@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 SPAN = 0.3
+FLAVORS = ("seurat_v3", "dispersion")  # shard.hvg.flavor
 
 
 def combine_stats(stats: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -155,5 +156,5 @@ def select(flavor: str, stats: dict[str, np.ndarray], clipped: ClippedMoments | 
     elif flavor == "dispersion":
         scores = dispersion_scores(stats, num_bins)
     else:
-        raise ValueError(f"unknown HVG flavor {flavor!r}: use seurat_v3 or dispersion")
+        raise ValueError(f"unknown HVG flavor {flavor!r}: use {' or '.join(FLAVORS)}")
     return scores, rank_of(scores)

@@ -1,4 +1,9 @@
-"""Conversion parts: the on-disk intermediate between a source file and the store.
+"""Conversion parts: the on-disk intermediate between a source file and the store, and the source protocol.
+
+A source format (``tahoe.py``, ``h5ad.py``; listed in ``convert.SOURCES``) is a module with
+``plan(cfg, log) -> Plan`` (read the metadata, check the files, cut them into tasks) and
+``convert_task(task, shared) -> PartData`` (one task's cells in memory), which checks its values
+with ``check_values``. Both types live here, beside the part format they produce.
 
 A conversion is split into parts (a parquet file or a few row groups of one; a row range of an
 h5ad). Each part is converted independently, in parallel, into a directory of raw binary columns
@@ -25,11 +30,12 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from perturbdiff.data.csr import take_rows
-from perturbdiff.data.schema import DTYPES, GROUP_COLUMNS, VALUES_COUNTS
+from perturbdiff.data.schema import DTYPES, GROUP_COLUMNS, VALUES_COUNTS, DataError
 
 
 @dataclass
@@ -48,6 +54,53 @@ class PartData:
     @property
     def n(self) -> int:
         return len(self.indptr) - 1
+
+
+@dataclass
+class Plan:
+    """What a source module's ``plan(cfg, log)`` tells the driver (data_sharding.convert); each task
+    becomes one part through the module's ``convert_task(task, shared) -> PartData``."""
+
+    source: str  # "tahoe" | "h5ad"
+    files: list[Path]
+    tasks: list[dict[str, Any]]  # one per part; each has "file" and "hash" (hash the file in this task)
+    gene_ids: np.ndarray
+    gene_symbols: np.ndarray
+    value_kind: str
+    shared: dict[str, Any] = field(default_factory=dict)  # passed to every task
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
+
+
+def check_values(path: Path, data: np.ndarray, indptr: np.ndarray, row0: int, require_integer: bool,
+                 max_count: float | None = None) -> None:
+    """The one value check of every converter; names the first bad cell row.
+
+    Values must be finite and non-negative. Raw counts (``require_integer``) must also be integers
+    and, when ``max_count`` is given, at most ``shard.max_count``: one gene in one cell with, say,
+    1e30 UMIs is a corrupt or mis-scaled file, not biology, and float32 (how X/data is stored)
+    holds integers exactly only up to 2**24. Check the values before casting them to float32, so a
+    float64 value too large for float32 is reported as such rather than as infinite.
+    """
+    bad = ~np.isfinite(data)
+    what = "NaN or infinite"
+    if not bad.any():
+        bad = data < 0
+        what = "negative"
+    if not bad.any() and require_integer:
+        bad = data != np.round(data)
+        what = "non-integer"
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(indptr, pos, side="right") - 1) + row0
+        raise DataError(path, f"{what} value {float(data[pos])!r} in cell row {row}; raw counts are expected "
+                        "(finite, non-negative integers)")
+    if require_integer and max_count is not None and data.size:
+        over = data > max_count
+        if over.any():
+            pos = int(np.flatnonzero(over)[0])
+            row = int(np.searchsorted(indptr, pos, side="right") - 1) + row0
+            raise DataError(path, f"implausible count {float(data[pos]):.6g} in cell row {row}: above "
+                            f"shard.max_count={max_count:.6g} (raise shard.max_count if such counts are genuine)")
 
 
 def gene_stats(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, num_genes: int,

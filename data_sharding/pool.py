@@ -3,7 +3,7 @@
 ``run_parallel(fn, tasks, workers, on_result)`` runs ``fn(task)`` for every task, in spawned worker
 processes when ``workers > 1`` (in this process otherwise), and calls ``on_result`` in this process
 with each result as it arrives. The conversion (``convert.py``) and the synthetic generator
-(``synthetic.py``) both use it. Each worker can hold half a gigabyte and writes files, so a worker
+(``synthetic/``) both use it. Each worker can hold half a gigabyte and writes files, so a worker
 left running after its job ended is a real cost; every way the job can end is handled:
 
 * the job is SIGKILLed (or crashes hard): the kernel kills each worker, because a worker's first act

@@ -28,16 +28,12 @@ import pyarrow.parquet as pq
 
 from perturbdiff.config import ShardConfig
 from perturbdiff.data.schema import (
-    GENE_METADATA_COLUMNS, GENE_METADATA_FILE, SAMPLE_METADATA_FILE, TAHOE_COLUMNS, TAHOE_MARKER_TOKEN,
-    TAHOE_MARKER_VALUE, VALUES_COUNTS, DataError, parse_drugconc,
+    GENE_METADATA_COLUMNS, GENE_METADATA_FILE, SAMPLE_METADATA_FILE, TAHOE_COLUMNS, TAHOE_DATA_DIR, TAHOE_DATA_GLOB,
+    TAHOE_MARKER_TOKEN, TAHOE_MARKER_VALUE, TAHOE_METADATA_DIR, TAHOE_READ_COLUMNS, VALUES_COUNTS, DataError,
+    parse_drugconc,
 )
 
-from .convert import Plan, check_values
-from .parts import PartData
-
-READ_COLUMNS = ["genes", "expressions", "drug", "sample", "BARCODE_SUB_LIB_ID", "cell_line_id", "plate",
-                "moa-fine"]
-
+from .parts import PartData, Plan, check_values
 
 def _data_files(inputs: list[str]) -> tuple[list[Path], Path | None]:
     files: list[Path] = []
@@ -45,18 +41,18 @@ def _data_files(inputs: list[str]) -> tuple[list[Path], Path | None]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            sub = p / "data" if (p / "data").is_dir() else p
-            found = sorted(sub.glob("*.parquet"))
+            sub = p / TAHOE_DATA_DIR if (p / TAHOE_DATA_DIR).is_dir() else p
+            found = sorted(sub.glob(TAHOE_DATA_GLOB))
             if not found:
                 raise DataError(p, "no *.parquet files found")
             files.extend(found)
-            for cand in (p / "metadata", sub.parent / "metadata"):
+            for cand in (p / TAHOE_METADATA_DIR, sub.parent / TAHOE_METADATA_DIR):
                 if meta_guess is None and cand.is_dir():
                     meta_guess = cand
         elif p.is_file():
             files.append(p)
-            if meta_guess is None and (p.parent.parent / "metadata").is_dir():
-                meta_guess = p.parent.parent / "metadata"
+            if meta_guess is None and (p.parent.parent / TAHOE_METADATA_DIR).is_dir():
+                meta_guess = p.parent.parent / TAHOE_METADATA_DIR
         else:
             raise DataError(p, "input does not exist")
     if not files:
@@ -228,7 +224,7 @@ def convert_task(task: dict, shared: dict) -> PartData:
     rg0, rg1 = task["row_groups"]
     try:
         pf = pq.ParquetFile(path)
-        table = pf.read_row_groups(list(range(rg0, rg1)), columns=READ_COLUMNS)
+        table = pf.read_row_groups(list(range(rg0, rg1)), columns=list(TAHOE_READ_COLUMNS))
     except (pa.ArrowException, OSError) as err:
         raise DataError(path, f"cannot read row groups {rg0}..{rg1 - 1} (truncated file?): {err}") from None
     row0 = sum(pf.metadata.row_group(i).num_rows for i in range(rg0))

@@ -15,9 +15,9 @@ the manifest for ``verify``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,16 +27,16 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from perturbdiff.config import ShardConfig
+from perturbdiff.data.csr import ranges_index, take_rows
 from perturbdiff.data.schema import (
-    CELL_ID, CONDITION_COLUMNS, CONDITIONS_FILE, DTYPES, GROUP_COLUMNS, MANIFEST_FILE, N_GENES,
-    OBS_GROUP, SCHEMA_VERSION, STORE_ATTR, TOTAL_COUNTS, VAR_GROUP, X_GROUP, file_sha256, hash_update,
+    CELL_ID, CONDITION_COLUMNS, CONDITIONS_FILE, GROUP_COLUMNS, N_GENES, OBS_GROUP, SCHEMA_VERSION, STORE_ATTR,
+    TOTAL_COUNTS, VAR_GENE_ID, VAR_GENE_SYMBOL, VAR_GROUP, VAR_HVG_RANK, VAR_HVG_SCORE, X_ARRAYS, X_DATA, X_GROUP,
+    X_INDICES, X_INDPTR, StoreManifest, file_sha256, group_sort_key, hash_update, obs_categories, obs_codes,
+    obs_values,
 )
-
 from perturbdiff.outputs import commit_directory, remove_output
 
 from . import hvg
-from perturbdiff.data.csr import ranges_index, take_rows
-
 from .parts import PartReader
 
 # Cells are shuffled within each group (in windows of this many cells) so that runs of
@@ -108,48 +108,73 @@ def _write_small(group: zarr.Group, name: str, values: np.ndarray, checksums: di
     checksums[key] = {"shape": [len(values)], "dtype": str(arr.dtype), "sha256": app.close()}
 
 
-def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_symbols: np.ndarray,
-                cfg: ShardConfig, sources: list[dict], value_kind: str, flavor: str, extra: dict | None = None,
-                log: Callable[[str], None] = print) -> dict:
-    """Write the store at ``out`` from finished parts; returns the manifest."""
-    t0 = time.time()
-    readers = [PartReader(p) for p in part_dirs]
-    num_genes = len(gene_ids)
+@dataclass
+class _Segments:
+    """The global groups and the (part, group) segment table, in destination order.
 
-    # ---- global groups, categories and the segment table ---------------------------------
-    # Segments are (part, group) runs; kept as numpy arrays (a part's string list is dropped as
-    # soon as it is converted) so the table stays small even with millions of segments.
+    Segments are runs of one group's rows in one part; kept as numpy arrays (a part's string list
+    is dropped as soon as it is converted) so the table stays small even with millions of them.
+    """
+
+    keys: list[tuple[str, str, str]]  # the groups, in global order (schema.group_sort_key)
+    group: np.ndarray  # int64 [S] group index of each segment
+    part: np.ndarray  # int64 [S] part index
+    count: np.ndarray  # int64 [S] cells
+    nnz: np.ndarray  # int64 [S] nonzeros
+    src: np.ndarray  # int64 [S] first row inside its part
+    dst: np.ndarray  # int64 [S] first row in the store
+
+    @property
+    def end(self) -> np.ndarray:
+        return self.dst + self.count
+
+    def group_sizes(self) -> np.ndarray:
+        return np.bincount(self.group, weights=self.count, minlength=len(self.keys)).astype(np.int64)
+
+
+def _segments(readers: list[PartReader]) -> _Segments:
     key_index: dict[tuple[str, str, str], int] = {}
-    seg_group_parts, seg_part_parts, seg_count_parts, seg_nnz_parts = [], [], [], []
+    group_parts, part_parts, count_parts, nnz_parts = [], [], [], []
     for p, r in enumerate(readers):
         segs = r.meta.pop("segments")
-        seg_group_parts.append(np.fromiter((key_index.setdefault((c, b, q), len(key_index)) for c, b, q, _, _ in segs),
-                                           dtype=np.int64, count=len(segs)))
-        seg_count_parts.append(np.fromiter((k for _, _, _, k, _ in segs), dtype=np.int64, count=len(segs)))
-        seg_nnz_parts.append(np.fromiter((z for *_, z in segs), dtype=np.int64, count=len(segs)))
-        seg_part_parts.append(np.full(len(segs), p, dtype=np.int64))
+        group_parts.append(np.fromiter((key_index.setdefault(group_sort_key(c, b, q), len(key_index))
+                                        for c, b, q, _, _ in segs), dtype=np.int64, count=len(segs)))
+        count_parts.append(np.fromiter((k for _, _, _, k, _ in segs), dtype=np.int64, count=len(segs)))
+        nnz_parts.append(np.fromiter((z for *_, z in segs), dtype=np.int64, count=len(segs)))
+        part_parts.append(np.full(len(segs), p, dtype=np.int64))
         del segs
     keys = sorted(key_index)
     rank = np.empty(len(keys), dtype=np.int64)
     rank[[key_index[k] for k in keys]] = np.arange(len(keys))
     del key_index
-    seg_group = rank[np.concatenate(seg_group_parts)] if seg_group_parts else np.zeros(0, np.int64)
-    seg_part = np.concatenate(seg_part_parts) if seg_part_parts else np.zeros(0, np.int64)
-    seg_count = np.concatenate(seg_count_parts) if seg_count_parts else np.zeros(0, np.int64)
-    seg_nnz = np.concatenate(seg_nnz_parts) if seg_nnz_parts else np.zeros(0, np.int64)
-    del seg_group_parts, seg_part_parts, seg_count_parts, seg_nnz_parts
-    # rows of each segment inside its part
-    # (segments are in part order here, each part's in its own group order)
-    part_first = np.searchsorted(seg_part, seg_part, side="left")
-    csum = np.cumsum(seg_count) - seg_count
-    seg_src = csum - csum[part_first]
-    order = np.lexsort((seg_part, seg_group))
-    seg_group, seg_part, seg_count, seg_src, seg_nnz = (a[order] for a in (seg_group, seg_part, seg_count, seg_src,
-                                                                            seg_nnz))
-    seg_dst = np.concatenate([[0], np.cumsum(seg_count)[:-1]]).astype(np.int64)
-    n_cells = int(seg_count.sum())
-    nnz_total = sum(r.meta["nnz"] for r in readers)
 
+    def cat(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+    group, part, count, nnz = rank[cat(group_parts)], cat(part_parts), cat(count_parts), cat(nnz_parts)
+    # rows of each segment inside its part (segments are in part order here, each part's in its own
+    # group order)
+    part_first = np.searchsorted(part, part, side="left")
+    csum = np.cumsum(count) - count
+    src = csum - csum[part_first]
+    order = np.lexsort((part, group))
+    group, part, count, src, nnz = (a[order] for a in (group, part, count, src, nnz))
+    dst = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+    return _Segments(keys, group, part, count, nnz, src, dst)
+
+
+@dataclass
+class _ObsColumns:
+    """The extra obs columns of the parts, their global categories and each part's code remap."""
+
+    categorical: list[str]
+    numeric: list[str]
+    categories: dict[str, list[str]]  # categorical and group columns -> sorted labels
+    remap: list[dict[str, np.ndarray]]  # per part: column -> part code -> global code
+    group_codes: np.ndarray  # int32 [groups, 3] codes of each group's context / batch / perturbation
+
+
+def _obs_columns(readers: list[PartReader], keys: list[tuple[str, str, str]]) -> _ObsColumns:
     cat_cols = sorted({c for r in readers for c in r.meta["categories"]})
     num_cols = sorted({c for r in readers for c in r.meta["numeric"]})
     for r in readers:
@@ -158,158 +183,172 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
     categories = {c: sorted({v for r in readers for v in r.meta["categories"][c]}) for c in cat_cols}
     remap = [{c: np.searchsorted(categories[c], r.meta["categories"][c]).astype(np.int32)
               for c in cat_cols} for r in readers]
-    group_cats = {c: sorted({k[i] for k in keys}) for i, c in enumerate(GROUP_COLUMNS)}
-    gcode = {c: {v: i for i, v in enumerate(group_cats[c])} for c in GROUP_COLUMNS}
-    group_code_table = np.array([[gcode[c][k[i]] for i, c in enumerate(GROUP_COLUMNS)] for k in keys],
-                                dtype=np.int32).reshape(len(keys), 3)
+    for i, c in enumerate(GROUP_COLUMNS):
+        categories[c] = sorted({k[i] for k in keys})
+    gcode = {c: {v: i for i, v in enumerate(categories[c])} for c in GROUP_COLUMNS}
+    group_codes = np.array([[gcode[c][k[i]] for i, c in enumerate(GROUP_COLUMNS)] for k in keys],
+                           dtype=np.int32).reshape(len(keys), 3)
+    return _ObsColumns(cat_cols, num_cols, categories, remap, group_codes)
 
-    # ---- HVG statistics (first pass came with the parts) ----------------------------------
-    stats = hvg.combine_stats([r.stats() for r in readers])
-    clipped = hvg.ClippedMoments(stats) if flavor == "seurat_v3" else None
 
-    # ---- create the store under a temporary name ------------------------------------------
-    tmp = out.with_name(out.name + ".tmp")
+def _create_store(tmp: Path, cfg: ShardConfig, n_cells: int, nnz: int, obs: _ObsColumns
+                  ) -> tuple[zarr.Group, dict[str, Appender]]:
+    """The empty store under ``tmp`` and an Appender for every array the blocks fill."""
     remove_output(tmp, "store")  # a merge interrupted earlier (only ever our own)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     root.attrs[STORE_ATTR] = SCHEMA_VERSION
-    xg, og, vg = root.create_group(X_GROUP), root.create_group(OBS_GROUP), root.create_group(VAR_GROUP)
+    xg, og = root.create_group(X_GROUP), root.create_group(OBS_GROUP)
+    root.create_group(VAR_GROUP)
     cc = cfg.chunk_cells
     app = {
-        "X/indptr": Appender(_array(xg, "indptr", n_cells + 1, DTYPES["indptr"], cc,
-                                    compressor=cfg.compressor), cc),
-        "X/indices": Appender(_array(xg, "indices", nnz_total, DTYPES["indices"], cfg.chunk_nnz, cfg.shard_nnz,
-                                     cfg.compressor), cfg.shard_nnz),
-        "X/data": Appender(_array(xg, "data", nnz_total, DTYPES["data"], cfg.chunk_nnz, cfg.shard_nnz,
-                                  cfg.compressor), cfg.shard_nnz),
-        f"obs/{CELL_ID}": Appender(_array(og, CELL_ID, n_cells, str, cc), cc),
-        f"obs/{TOTAL_COUNTS}": Appender(_array(og, TOTAL_COUNTS, n_cells, "float64", cc), cc),
-        f"obs/{N_GENES}": Appender(_array(og, N_GENES, n_cells, "int32", cc), cc),
+        X_INDPTR: Appender(_array(xg, "indptr", n_cells + 1, X_ARRAYS[X_INDPTR], cc, compressor=cfg.compressor), cc),
+        X_INDICES: Appender(_array(xg, "indices", nnz, X_ARRAYS[X_INDICES], cfg.chunk_nnz, cfg.shard_nnz,
+                                   cfg.compressor), cfg.shard_nnz),
+        X_DATA: Appender(_array(xg, "data", nnz, X_ARRAYS[X_DATA], cfg.chunk_nnz, cfg.shard_nnz, cfg.compressor),
+                         cfg.shard_nnz),
+        obs_values(CELL_ID): Appender(_array(og, CELL_ID, n_cells, str, cc), cc),
+        obs_values(TOTAL_COUNTS): Appender(_array(og, TOTAL_COUNTS, n_cells, "float64", cc), cc),
+        obs_values(N_GENES): Appender(_array(og, N_GENES, n_cells, "int32", cc), cc),
     }
-    for c in GROUP_COLUMNS + tuple(cat_cols):
-        sub = og.create_group(c)
-        app[f"obs/{c}/codes"] = Appender(_array(sub, "codes", n_cells, "int32", cc), cc)
-    for c in num_cols:
-        app[f"obs/{c}"] = Appender(_array(og, c, n_cells, "float64", cc), cc)
-    app["X/indptr"].append(np.zeros(1, dtype=np.int64))
-    group_sums = {c: np.zeros(len(keys)) for c in num_cols}  # -> per-group values (e.g. dose)
-    group_min = {c: np.full(len(keys), np.inf) for c in num_cols}
-    group_max = {c: np.full(len(keys), -np.inf) for c in num_cols}
+    for c in GROUP_COLUMNS + tuple(obs.categorical):
+        app[obs_codes(c)] = Appender(_array(og.create_group(c), "codes", n_cells, "int32", cc), cc)
+    for c in obs.numeric:
+        app[obs_values(c)] = Appender(_array(og, c, n_cells, "float64", cc), cc)
+    app[X_INDPTR].append(np.zeros(1, dtype=np.int64))
+    return root, app
 
-    # ---- stream blocks ----------------------------------------------------------------------
-    seg_end = seg_dst + seg_count
-    nnz_done = 0
-    # Shuffle units: each group's rows in windows of SHUFFLE_WINDOW cells from its start. Blocks end
-    # on unit boundaries, so the within-unit shuffle does not depend on block_cells.
-    g_n_all = np.bincount(seg_group, weights=seg_count, minlength=len(keys)).astype(np.int64)
-    g_start_all = np.concatenate([[0], np.cumsum(g_n_all)[:-1]]).astype(np.int64)
-    per_group = (g_n_all + SHUFFLE_WINDOW - 1) // SHUFFLE_WINDOW
-    unit_group = np.repeat(np.arange(len(keys)), per_group)
-    unit_w = np.arange(len(unit_group)) - np.repeat(np.cumsum(per_group) - per_group, per_group)
-    unit_start = g_start_all[unit_group] + unit_w * SHUFFLE_WINDOW
-    unit_stop = np.minimum(unit_start + SHUFFLE_WINDOW, g_start_all[unit_group] + g_n_all[unit_group])
-    # Block ends: the last shuffle-unit boundary within block_cells cells and block_nnz nonzeros of
-    # the block start (at least one unit). Nonzeros before a unit start are exact when the unit
-    # starts a group (groups are whole segments) and interpolated within a segment otherwise.
-    seg_nnz_start = np.cumsum(seg_nnz) - seg_nnz
-    s_of = np.maximum(np.searchsorted(seg_dst, unit_start, side="right") - 1, 0)
-    unit_nnz = seg_nnz_start[s_of] + (unit_start - seg_dst[s_of]) * seg_nnz[s_of] / np.maximum(seg_count[s_of], 1)
-    unit_nnz = np.append(unit_nnz, float(seg_nnz.sum()))
-    unit_edges = np.append(unit_start, n_cells)
+
+@dataclass
+class _Units:
+    """Shuffle units: each group's rows in windows of SHUFFLE_WINDOW cells from its start."""
+
+    group: np.ndarray  # int64 [U]
+    window: np.ndarray  # int64 [U] window index within its group
+    start: np.ndarray  # int64 [U] first store row
+    stop: np.ndarray  # int64 [U]
+
+
+def _shuffle_units(seg: _Segments) -> _Units:
+    g_n = seg.group_sizes()
+    g_start = np.concatenate([[0], np.cumsum(g_n)[:-1]]).astype(np.int64)
+    per_group = (g_n + SHUFFLE_WINDOW - 1) // SHUFFLE_WINDOW
+    group = np.repeat(np.arange(len(seg.keys)), per_group)
+    window = np.arange(len(group)) - np.repeat(np.cumsum(per_group) - per_group, per_group)
+    start = g_start[group] + window * SHUFFLE_WINDOW
+    stop = np.minimum(start + SHUFFLE_WINDOW, g_start[group] + g_n[group])
+    return _Units(group, window, start, stop)
+
+
+def _block_bounds(seg: _Segments, units: _Units, n_cells: int, cfg: ShardConfig) -> list[int]:
+    """Block ends: the last shuffle-unit boundary within block_cells cells and block_nnz nonzeros of
+    the block start (at least one unit). Blocks end on unit boundaries, so the within-unit shuffle
+    does not depend on block_cells. Nonzeros before a unit start are exact when the unit starts a
+    group (groups are whole segments) and interpolated within a segment otherwise."""
+    nnz_start = np.cumsum(seg.nnz) - seg.nnz
+    s_of = np.maximum(np.searchsorted(seg.dst, units.start, side="right") - 1, 0)
+    unit_nnz = nnz_start[s_of] + (units.start - seg.dst[s_of]) * seg.nnz[s_of] / np.maximum(seg.count[s_of], 1)
+    unit_nnz = np.append(unit_nnz, float(seg.nnz.sum()))
+    unit_edges = np.append(units.start, n_cells)
     bounds, u = [0], 0
     while bounds[-1] < n_cells:
         by_nnz = int(np.searchsorted(unit_nnz, unit_nnz[u] + max(1, cfg.block_nnz), side="right")) - 1
         by_cells = int(np.searchsorted(unit_edges, unit_edges[u] + max(1, cfg.block_cells), side="right")) - 1
         u = max(u + 1, min(by_nnz, by_cells))
         bounds.append(int(unit_edges[u]))
-    n_blocks = len(bounds) - 1
-    for bi in range(n_blocks):
-        a, b = bounds[bi], bounds[bi + 1]
-        s0 = int(np.searchsorted(seg_end, a, side="right"))
-        s1 = int(np.searchsorted(seg_dst, b, side="left"))
-        sl = slice(s0, s1)
-        lo = np.maximum(seg_dst[sl], a)
-        hi = np.minimum(seg_end[sl], b)
-        src_lo = seg_src[sl] + (lo - seg_dst[sl])
-        parts_here = seg_part[sl]
-        # one contiguous read per part
-        bufs, base, row_base = {}, {}, 0
-        for p in np.unique(parts_here):
-            m = parts_here == p
-            r0, r1 = int(src_lo[m].min()), int((src_lo[m] + (hi[m] - lo[m])).max())
-            bufs[p] = readers[p].rows(r0, r1)
-            base[p] = (r0, row_base)
-            row_base += r1 - r0
-        plist = list(bufs)
-        cat_indptr = np.zeros(row_base + 1, dtype=np.int64)
-        off_rows, off_nnz = 0, 0
-        for p in plist:
-            ip = bufs[p]["indptr"]
-            cat_indptr[off_rows + 1:off_rows + len(ip)] = ip[1:] + off_nnz
-            off_rows += len(ip) - 1
-            off_nnz += int(ip[-1])
-        cat_indices = np.concatenate([bufs[p]["indices"] for p in plist])
-        cat_data = np.concatenate([bufs[p]["data"] for p in plist])
-        starts = np.array([base[p][1] + (s - base[p][0]) for p, s in zip(parts_here, src_lo)], dtype=np.int64)
-        rows = ranges_index(starts, hi - lo)
-        u0, u1 = np.searchsorted(unit_start, [a, b], side="left")
-        for u in range(u0, u1):
-            piece = slice(int(unit_start[u]) - a, int(unit_stop[u]) - a)
-            perm = np.random.default_rng([SHUFFLE_SEED, int(unit_group[u]), int(unit_w[u])]).permutation(
-                piece.stop - piece.start)
-            rows[piece] = rows[piece][perm]
-        indptr, gather = take_rows(cat_indptr, rows)
-        indices, data = cat_indices[gather], cat_data[gather]
+    return bounds
 
-        app["X/indptr"].append(indptr[1:] + nnz_done)
-        app["X/indices"].append(indices)
-        app["X/data"].append(data)
-        nnz_done += int(indptr[-1])
-        row_nnz = np.diff(indptr)
-        app[f"obs/{N_GENES}"].append(row_nnz.astype(np.int32))
-        tot = np.zeros(len(rows))
-        nz = row_nnz > 0
-        if len(data):
-            tot[nz] = np.add.reduceat(data.astype(np.float64), indptr[:-1][nz])
-        app[f"obs/{TOTAL_COUNTS}"].append(tot)
-        app[f"obs/{CELL_ID}"].append(np.concatenate([bufs[p]["cell_id"] for p in plist])[rows].astype(str))
-        for c in cat_cols:
-            codes = np.concatenate([remap[p][c][bufs[p]["categorical"][c]] for p in plist])
-            app[f"obs/{c}/codes"].append(codes[rows])
-        grp = np.repeat(seg_group[sl], hi - lo)
-        for c in num_cols:
-            values = np.concatenate([bufs[p]["numeric"][c] for p in plist])[rows]
-            app[f"obs/{c}"].append(values)
-            group_sums[c] += np.bincount(grp, weights=values, minlength=len(keys))
-            if len(grp):  # rows are in group order: one reduceat per group run
-                runs = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]])
-                np.minimum.at(group_min[c], grp[runs], np.minimum.reduceat(values, runs))
-                np.maximum.at(group_max[c], grp[runs], np.maximum.reduceat(values, runs))
-        for i, c in enumerate(GROUP_COLUMNS):
-            app[f"obs/{c}/codes"].append(group_code_table[grp, i])
-        if clipped is not None:
-            clipped.update(indices, data)
-        _fault_point("merge_block", bi)
-        log(f"  merged block {bi + 1}/{n_blocks} ({b:,}/{n_cells:,} cells)")
 
-    checksums = {name: {"shape": list(a.array.shape), "dtype": str(a.array.dtype), "sha256": a.close()}
-                 for name, a in app.items()}
-    for c in GROUP_COLUMNS + tuple(cat_cols):
-        cats = np.array(group_cats[c] if c in GROUP_COLUMNS else categories[c], dtype=str)
-        _write_small(og[c], "categories", cats, checksums, f"obs/{c}/categories")
+class _GroupNumeric:
+    """Per-group sum, min and max of each numeric obs column, accumulated block by block."""
 
-    # ---- var, HVG, conditions ---------------------------------------------------------------
-    scores, ranking = hvg.select(flavor, stats, clipped, cfg.hvg.num_bins)
-    rank = np.empty(num_genes, dtype=np.int32)
-    rank[ranking] = np.arange(num_genes, dtype=np.int32)
-    _write_small(vg, "gene_id", np.asarray(gene_ids).astype(str), checksums, "var/gene_id")
-    _write_small(vg, "gene_symbol", np.asarray(gene_symbols).astype(str), checksums, "var/gene_symbol")
-    _write_small(vg, "hvg_rank", rank, checksums, "var/hvg_rank")
-    _write_small(vg, "hvg_score", np.nan_to_num(scores, nan=-np.inf).astype(np.float64), checksums,
-                 "var/hvg_score")
+    def __init__(self, columns: list[str], num_groups: int):
+        self.sums = {c: np.zeros(num_groups) for c in columns}
+        self.min = {c: np.full(num_groups, np.inf) for c in columns}
+        self.max = {c: np.full(num_groups, -np.inf) for c in columns}
 
-    control_perts = set((extra or {}).get("control_perturbations", []))
+    def update(self, col: str, grp: np.ndarray, values: np.ndarray) -> None:
+        self.sums[col] += np.bincount(grp, weights=values, minlength=len(self.sums[col]))
+        if len(grp):  # rows are in group order: one reduceat per group run
+            runs = np.flatnonzero(np.r_[True, grp[1:] != grp[:-1]])
+            np.minimum.at(self.min[col], grp[runs], np.minimum.reduceat(values, runs))
+            np.maximum.at(self.max[col], grp[runs], np.maximum.reduceat(values, runs))
+
+    def values(self, col: str, g_n: np.ndarray) -> np.ndarray:
+        """Each group's value: its cells' value if they share one, else the mean."""
+        mean = self.sums[col] / np.maximum(g_n, 1)
+        return np.where(self.min[col] == self.max[col], self.min[col], mean)
+
+
+def _merge_block(a: int, b: int, seg: _Segments, units: _Units, readers: list[PartReader], obs: _ObsColumns,
+                 app: dict[str, Appender], numeric: _GroupNumeric, clipped, nnz_done: int) -> int:
+    """Store rows [a, b): one contiguous read per contributing part, the gather and the
+    within-unit shuffle, appended to every array. Returns the nonzeros written so far."""
+    s0 = int(np.searchsorted(seg.end, a, side="right"))
+    s1 = int(np.searchsorted(seg.dst, b, side="left"))
+    sl = slice(s0, s1)
+    lo = np.maximum(seg.dst[sl], a)
+    hi = np.minimum(seg.end[sl], b)
+    src_lo = seg.src[sl] + (lo - seg.dst[sl])
+    parts_here = seg.part[sl]
+    bufs, base, row_base = {}, {}, 0
+    for p in np.unique(parts_here):
+        m = parts_here == p
+        r0, r1 = int(src_lo[m].min()), int((src_lo[m] + (hi[m] - lo[m])).max())
+        bufs[p] = readers[p].rows(r0, r1)
+        base[p] = (r0, row_base)
+        row_base += r1 - r0
+    plist = list(bufs)
+    cat_indptr = np.zeros(row_base + 1, dtype=np.int64)
+    off_rows, off_nnz = 0, 0
+    for p in plist:
+        ip = bufs[p]["indptr"]
+        cat_indptr[off_rows + 1:off_rows + len(ip)] = ip[1:] + off_nnz
+        off_rows += len(ip) - 1
+        off_nnz += int(ip[-1])
+    cat_indices = np.concatenate([bufs[p]["indices"] for p in plist])
+    cat_data = np.concatenate([bufs[p]["data"] for p in plist])
+    starts = np.array([base[p][1] + (s - base[p][0]) for p, s in zip(parts_here, src_lo)], dtype=np.int64)
+    rows = ranges_index(starts, hi - lo)
+    u0, u1 = np.searchsorted(units.start, [a, b], side="left")
+    for u in range(u0, u1):
+        piece = slice(int(units.start[u]) - a, int(units.stop[u]) - a)
+        perm = np.random.default_rng([SHUFFLE_SEED, int(units.group[u]), int(units.window[u])]).permutation(
+            piece.stop - piece.start)
+        rows[piece] = rows[piece][perm]
+    indptr, gather = take_rows(cat_indptr, rows)
+    indices, data = cat_indices[gather], cat_data[gather]
+
+    app[X_INDPTR].append(indptr[1:] + nnz_done)
+    app[X_INDICES].append(indices)
+    app[X_DATA].append(data)
+    row_nnz = np.diff(indptr)
+    app[obs_values(N_GENES)].append(row_nnz.astype(np.int32))
+    tot = np.zeros(len(rows))
+    nz = row_nnz > 0
+    if len(data):
+        tot[nz] = np.add.reduceat(data.astype(np.float64), indptr[:-1][nz])
+    app[obs_values(TOTAL_COUNTS)].append(tot)
+    app[obs_values(CELL_ID)].append(np.concatenate([bufs[p]["cell_id"] for p in plist])[rows].astype(str))
+    for c in obs.categorical:
+        codes = np.concatenate([obs.remap[p][c][bufs[p]["categorical"][c]] for p in plist])
+        app[obs_codes(c)].append(codes[rows])
+    grp = np.repeat(seg.group[sl], hi - lo)
+    for c in obs.numeric:
+        values = np.concatenate([bufs[p]["numeric"][c] for p in plist])[rows]
+        app[obs_values(c)].append(values)
+        numeric.update(c, grp, values)
+    for i, c in enumerate(GROUP_COLUMNS):
+        app[obs_codes(c)].append(obs.group_codes[grp, i])
+    if clipped is not None:
+        clipped.update(indices, data)
+    return nnz_done + int(indptr[-1])
+
+
+def _conditions(seg: _Segments, numeric: _GroupNumeric, control_perts: set[str]) -> pd.DataFrame:
+    """conditions.parquet: one row per group, its row range and its numeric covariates."""
+    keys = seg.keys
+    g_n = seg.group_sizes()
     g_start = np.zeros(len(keys), dtype=np.int64)
-    g_n = np.bincount(seg_group, weights=seg_count, minlength=len(keys)).astype(np.int64)
     g_start[1:] = np.cumsum(g_n)[:-1]
     conditions = pd.DataFrame({
         "group_id": np.arange(len(keys), dtype=np.int64),
@@ -321,42 +360,85 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
         "stop": g_start + g_n,
         "n": g_n,
     })[list(CONDITION_COLUMNS)]
-    for c in num_cols:  # numeric covariates of each group: its cells' value if they share one, else the mean
-        mean = group_sums[c] / np.maximum(g_n, 1)
-        conditions[c] = np.where(group_min[c] == group_max[c], group_min[c], mean)
+    for c in numeric.sums:
+        conditions[c] = numeric.values(c, g_n)
+    return conditions
+
+
+def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_symbols: np.ndarray,
+                cfg: ShardConfig, sources: list[dict], value_kind: str, flavor: str, extra: dict | None = None,
+                log: Callable[[str], None] = print) -> StoreManifest:
+    """Write the store at ``out`` from finished parts; returns its manifest."""
+    t0 = time.time()
+    extra = dict(extra or {})
+    readers = [PartReader(p) for p in part_dirs]
+    num_genes = len(gene_ids)
+
+    # ---- global groups, categories and the segment table ---------------------------------
+    seg = _segments(readers)
+    n_cells = int(seg.count.sum())
+    nnz_total = sum(r.meta["nnz"] for r in readers)
+    obs = _obs_columns(readers, seg.keys)
+
+    # ---- HVG statistics (first pass came with the parts) ----------------------------------
+    stats = hvg.combine_stats([r.stats() for r in readers])
+    clipped = hvg.ClippedMoments(stats) if flavor == "seurat_v3" else None
+
+    # ---- create the store under a temporary name ------------------------------------------
+    tmp = out.with_name(out.name + ".tmp")
+    root, app = _create_store(tmp, cfg, n_cells, nnz_total, obs)
+
+    # ---- stream blocks ----------------------------------------------------------------------
+    units = _shuffle_units(seg)
+    bounds = _block_bounds(seg, units, n_cells, cfg)
+    numeric = _GroupNumeric(obs.numeric, len(seg.keys))
+    nnz_done = 0
+    for bi in range(len(bounds) - 1):
+        nnz_done = _merge_block(bounds[bi], bounds[bi + 1], seg, units, readers, obs, app, numeric, clipped,
+                                nnz_done)
+        _fault_point("merge_block", bi)
+        log(f"  merged block {bi + 1}/{len(bounds) - 1} ({bounds[bi + 1]:,}/{n_cells:,} cells)")
+    checksums = {name: {"shape": list(a.array.shape), "dtype": str(a.array.dtype), "sha256": a.close()}
+                 for name, a in app.items()}
+    og, vg = root[OBS_GROUP], root[VAR_GROUP]
+    for c in GROUP_COLUMNS + tuple(obs.categorical):
+        _write_small(og[c], "categories", np.array(obs.categories[c], dtype=str), checksums, obs_categories(c))
+
+    # ---- var, HVG, conditions ---------------------------------------------------------------
+    scores, ranking = hvg.select(flavor, stats, clipped, cfg.hvg.num_bins)
+    rank = np.empty(num_genes, dtype=np.int32)
+    rank[ranking] = np.arange(num_genes, dtype=np.int32)
+    for key, values in ((VAR_GENE_ID, np.asarray(gene_ids).astype(str)),
+                        (VAR_GENE_SYMBOL, np.asarray(gene_symbols).astype(str)),
+                        (VAR_HVG_RANK, rank),
+                        (VAR_HVG_SCORE, np.nan_to_num(scores, nan=-np.inf).astype(np.float64))):
+        _write_small(vg, key.removeprefix(f"{VAR_GROUP}/"), values, checksums, key)
+
+    control_perts = set(extra.get("control_perturbations", []))
+    conditions = _conditions(seg, numeric, control_perts)
     conditions.to_parquet(tmp / CONDITIONS_FILE, index=False)
     checksums[CONDITIONS_FILE] = {"sha256": file_sha256(tmp / CONDITIONS_FILE)}
 
+    # ---- manifest, then the store is renamed into place ------------------------------------
     num_top = min(cfg.hvg.num_top_genes, num_genes)
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "format": "perturbdiff-store",
-        "dataset": cfg.dataset,
-        "value_kind": value_kind,
-        "num_cells": n_cells,
-        "num_genes": num_genes,
-        "nnz": nnz_total,
-        "num_groups": len(keys),
-        "num_control_groups": int(conditions["is_control"].sum()),
-        "group_columns": list(GROUP_COLUMNS),
-        "categorical_obs": list(GROUP_COLUMNS) + cat_cols,
-        "numeric_obs": [TOTAL_COUNTS, N_GENES] + num_cols,
-        "control_perturbations": sorted(control_perts),
-        "hvg": {"flavor": flavor, "num_top_genes": num_top,
-                "genes": [str(gene_ids[i]) for i in ranking[:num_top]]},
-        "gene_panel": {"num_genes": num_genes, "id_kind": (extra or {}).get("gene_id_kind", "symbol")},
-        "sources": sources,
-        "arrays": checksums,
-        "layout": {"chunk_nnz": cfg.chunk_nnz, "shard_nnz": cfg.shard_nnz, "chunk_cells": cfg.chunk_cells,
-                   "compressor": cfg.compressor},
-    }
-    manifest.update({k: v for k, v in (extra or {}).items() if k not in manifest})
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    manifest = StoreManifest(
+        dataset=cfg.dataset, value_kind=value_kind, num_cells=n_cells, num_genes=num_genes, nnz=nnz_total,
+        num_groups=len(seg.keys), num_control_groups=int(conditions["is_control"].sum()),
+        categorical_obs=list(GROUP_COLUMNS) + obs.categorical,
+        numeric_obs=[TOTAL_COUNTS, N_GENES] + obs.numeric,
+        control_perturbations=sorted(control_perts),
+        hvg={"flavor": flavor, "num_top_genes": num_top, "genes": [str(gene_ids[i]) for i in ranking[:num_top]]},
+        gene_panel={"num_genes": num_genes, "id_kind": extra.get("gene_id_kind", "symbol")},
+        sources=sources, arrays=checksums,
+        layout={"chunk_nnz": cfg.chunk_nnz, "shard_nnz": cfg.shard_nnz, "chunk_cells": cfg.chunk_cells,
+                "compressor": cfg.compressor},
+        extra=extra,
+    )
+    manifest.write(tmp)
     commit_directory(tmp, out, "store")  # replaces only an earlier store (--overwrite)
-    log(f"wrote {out} ({n_cells:,} cells, {len(keys):,} groups, {nnz_total:,} nonzeros) "
+    log(f"wrote {out} ({n_cells:,} cells, {len(seg.keys):,} groups, {nnz_total:,} nonzeros) "
         f"in {time.time() - t0:.1f}s")
     return manifest
-
 
 
 def _fault_point(name: str, index: int) -> None:

@@ -220,7 +220,7 @@ def cmd_report(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import STARTS, EvaluateConfig, PredictConfig
-    from .config_rules import DECODES, PROFILES
+    from .config_rules import DECODES, MISSING_GENES, PROFILES
 
     PRED, EVAL = PredictConfig(), EvaluateConfig()  # the predict / evaluate flags' defaults (the config's)
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets-per-batch", type=int, default=None, help=f"(default {PRED.sets_per_batch})")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None, help="(default: the checkpoint's)")
-    p.add_argument("--missing-genes", choices=("error", "zero"), default=None, help=f"(default {PRED.missing_genes})")
+    p.add_argument("--missing-genes", choices=MISSING_GENES, default=None, help=f"(default {PRED.missing_genes})")
     p.add_argument("--decode", choices=DECODES, default=None,
                    help="counts: generated cells as attainable counts at their context's library sizes (default); "
                         "continuous: the paper's output")

@@ -30,7 +30,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 @dataclass
 class SynthConfig:
-    """A synthetic Tahoe-format dataset with known effects (see data_sharding/synthetic.py)."""
+    """A synthetic Tahoe-format dataset with known effects (see data_sharding/synthetic/)."""
 
     out_dir: Optional[str] = None  # default: <run out_dir>/source
     num_cells: int = 20_000

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import EVAL_METHODS, STARTS, ConfigError, HoldoutRule, RunConfig
+from .data.schema import VALUE_KINDS
 
 # ---------------------------------------------------------------------------------------------
 # Rules
@@ -188,6 +189,13 @@ BACKENDS = ("ddp", "deepspeed")  # perturbdiff/train/engine.py BACKEND_NAMES
 PRECISIONS = ("auto", "fp32", "bf16")  # perturbdiff/train/engine.py
 PROFILES = ("full", "paper", "vcc", "minimal")  # perturbdiff/eval/schema.py PROFILES
 DECODES = ("counts", "continuous")  # perturbdiff/decode.py DECODES
+SHARD_SOURCES = ("tahoe", "h5ad")  # data_sharding/convert.py SOURCES
+HVG_FLAVORS = ("seurat_v3", "dispersion")  # data_sharding/hvg.py FLAVORS
+SAMPLINGS = ("proportional", "balanced")  # perturbdiff/data/sampler.py SAMPLINGS
+EMPTY_POOL_POLICIES = ("error", "same_context", "none")  # perturbdiff/data/sampler.py EMPTY_POOL_POLICIES
+PANEL_KINDS = ("hvg", "all", "file")  # perturbdiff/data/store.py PANEL_KINDS
+RESPACINGS = ("uniform", "released")  # perturbdiff/diffusion/schedule.py RESPACINGS
+MISSING_GENES = ("error", "zero")  # perturbdiff/predict/controls.py MISSING_GENES
 
 RULES: dict[str, Rule] = {
     # run
@@ -212,8 +220,8 @@ RULES: dict[str, Rule] = {
     "synth.seed": SEED,
     "synth.num_workers": POSITIVE_INT,
     # shard: conversion into a store
-    "shard.source": Choice(("tahoe", "h5ad")),
-    "shard.values": Choice(("auto", "counts", "lognorm")),
+    "shard.source": Choice(SHARD_SOURCES),
+    "shard.values": Choice(("auto", *VALUE_KINDS)),
     "shard.max_count": POSITIVE,
     "shard.cells_per_part": POSITIVE_INT,
     "shard.part_nnz": POSITIVE_INT,
@@ -225,20 +233,20 @@ RULES: dict[str, Rule] = {
     "shard.block_nnz": POSITIVE_INT,
     "shard.compressor": Choice(COMPRESSORS),
     "shard.hvg.num_top_genes": POSITIVE_INT,
-    "shard.hvg.flavor": Choice(("seurat_v3", "dispersion")),
+    "shard.hvg.flavor": Choice(HVG_FLAVORS),
     "shard.hvg.num_bins": POSITIVE_INT,
     # data: reading sets
     "data.set_size": POSITIVE_INT,
     "data.sets_per_batch": POSITIVE_INT,
-    "data.sampling": Choice(("proportional", "balanced")),
+    "data.sampling": Choice(SAMPLINGS),
     "data.sets_per_group": POSITIVE_INT,
     "data.run_cells": POSITIVE_INT,
-    "data.empty_control_pool": Choice(("error", "same_context", "none")),
+    "data.empty_control_pool": Choice(EMPTY_POOL_POLICIES),
     "data.split.test": Each(NamesSomething()),
     "data.split.val": Each(NamesSomething()),
     "data.split.random_val_fraction": FRACTION,
     "data.split.seed": SEED,
-    "data.panel.kind": Choice(("hvg", "all", "file")),
+    "data.panel.kind": Choice(PANEL_KINDS),
     "data.panel.num_genes": POSITIVE_INT,
     "data.normalize.target_sum": POSITIVE,
     "data.normalize.scale": POSITIVE,
@@ -274,7 +282,7 @@ RULES: dict[str, Rule] = {
     "diffusion.bandwidths": Each(POSITIVE),
     "diffusion.kme_impl": Choice(KME_IMPLS),
     "diffusion.sample_steps": POSITIVE_INT,
-    "diffusion.respacing": Choice(("uniform", "released")),
+    "diffusion.respacing": Choice(RESPACINGS),
     "diffusion.start": Choice(STARTS),
     "diffusion.guidance": NON_NEGATIVE,  # w = 0: the conditional model alone
     "diffusion.cutoff": NON_NEGATIVE,  # expression is non-negative
@@ -317,7 +325,7 @@ RULES: dict[str, Rule] = {
     "predict.max_controls": POSITIVE_INT,
     "predict.train_cells": COUNT,  # 0: no training cells for the baselines
     "predict.max_cells": POSITIVE_INT,
-    "predict.missing_genes": Choice(("error", "zero")),
+    "predict.missing_genes": Choice(MISSING_GENES),
     "predict.decode": Choice(DECODES),
     "predict.start": Choice(STARTS),
     "predict.seed": SEED,

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .data.schema import MANIFEST_FILE, STORE_ATTR, DataError
+from .data.schema import MANIFEST_FILE, STORE_ATTR, STORE_FORMAT, DataError
 
 MARKER = ".perturbdiff-output.json"
 FORMAT = "perturbdiff-output"
@@ -81,7 +81,7 @@ def output_kind(path: str | Path) -> str | None:
         return marker.get("kind")
     try:  # stores and foundation checkpoints are known by their manifests
         fmt = json.loads((path / MANIFEST_FILE).read_text()).get("format")
-        if fmt in ("perturbdiff-store", "perturbdiff-foundation"):
+        if fmt in (STORE_FORMAT, "perturbdiff-foundation"):
             return fmt.removeprefix("perturbdiff-")
     except (OSError, ValueError, AttributeError):
         pass

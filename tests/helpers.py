@@ -1,6 +1,6 @@
 """Tiny hand-built sources for the data-layer tests, and helpers to read / compare stores.
 
-Nothing here depends on ``data_sharding/synthetic.py``: the fixtures are written directly with
+Nothing here depends on ``data_sharding/synthetic/``: the fixtures are written directly with
 pyarrow and anndata from a dense matrix the builder returns, so every test knows the exact source.
 
 Tahoe fixture layout (``build_tahoe``)::

@@ -174,7 +174,7 @@ def test_h5ad_cell_id_hash_collisions_are_confirmed(tmp_path, monkeypatch):
     write_h5ad(b.path, b.X, b.obs, b.var_names)
     monkeypatch.setattr(h5ad, "_hash_ids", lambda ids: np.zeros(len(ids), dtype=np.uint64))  # all collide
     m = convert(h5ad_cfg([a.path, b.path], tmp_path / "o.zarr"), log=quiet)
-    assert m["num_cells"] == 90
+    assert m.num_cells == 90
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_h5ad_raising_max_count_admits_large_counts(tmp_path):
 def test_h5ad_lognorm_keeps_its_bound_not_max_count(h5ad_lognorm_src, tmp_path):
     """Log-normalised input is bounded by LOGNORM_MAX (a log1p value), not by shard.max_count."""
     m = convert(h5ad_cfg(h5ad_lognorm_src.path, tmp_path / "o.zarr", max_count=1.0), log=quiet)
-    assert m["value_kind"] == schema.VALUES_LOGNORM
+    assert m.value_kind == schema.VALUES_LOGNORM
 
 
 def test_max_count_must_be_positive(small_h5ad, tahoe_src, tmp_path):
@@ -324,7 +324,7 @@ def test_tahoe_without_sample_drug_column_rows_are_not_cross_checked(tahoe_src, 
     pq.write_table(pa.Table.from_pandas(t.drop(columns=["drug"]), preserve_index=False), path)
     set_drug(root / "data" / DATA_FILE, [3], "Belinostat")
     m = convert(shard_cfg(root, tmp_path / "o.zarr"), log=quiet)
-    assert m["num_cells"] == len(tahoe_src.obs)
+    assert m.num_cells == len(tahoe_src.obs)
 
 
 @pytest.mark.parametrize("column", ["genes", "expressions"])

@@ -193,8 +193,14 @@ def test_the_defaults_follow_every_rule():
 
 def test_choices_match_the_code_that_reads_them():
     """The rule table is torch-free, so it spells out choices that heavier modules define."""
+    from data_sharding.convert import SOURCES
+    from data_sharding.hvg import FLAVORS
     from data_sharding.writer import COMPRESSORS
-    from perturbdiff.diffusion.schedule import SCHEDULES, respaced_timesteps
+    from perturbdiff.data.sampler import EMPTY_POOL_POLICIES, SAMPLINGS
+    from perturbdiff.data.schema import VALUE_KINDS
+    from perturbdiff.data.store import PANEL_KINDS
+    from perturbdiff.predict.controls import MISSING_GENES
+    from perturbdiff.diffusion.schedule import RESPACINGS, SCHEDULES, respaced_timesteps
     from perturbdiff.config import EVAL_METHODS
     from perturbdiff.decode import DECODES
     from perturbdiff.eval.schema import METHODS, PROFILES
@@ -222,6 +228,14 @@ def test_choices_match_the_code_that_reads_them():
     assert choices("evaluate.profile") == set(PROFILES)
     assert choices("predict.decode") == set(DECODES)
     assert EVAL_METHODS == METHODS and set(RULES["evaluate.methods"].item.values) == set(METHODS)
+    assert choices("shard.source") == set(SOURCES)
+    assert choices("shard.values") == {"auto", *VALUE_KINDS}
+    assert choices("shard.hvg.flavor") == set(FLAVORS)
+    assert choices("data.sampling") == set(SAMPLINGS)
+    assert choices("data.empty_control_pool") == set(EMPTY_POOL_POLICIES)
+    assert choices("data.panel.kind") == set(PANEL_KINDS)
+    assert choices("diffusion.respacing") == set(RESPACINGS)
+    assert choices("predict.missing_genes") == set(MISSING_GENES)
     for kind in choices("diffusion.respacing"):
         assert respaced_timesteps(10, 3, kind)
 

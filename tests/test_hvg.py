@@ -68,7 +68,7 @@ def ranking_of(scores: np.ndarray) -> np.ndarray:
 def check_store_hvg(store, ref_scores: np.ndarray, flavor: str) -> np.ndarray:
     st = CellStore(store)
     arrays = zarr_arrays(store)
-    m = st.manifest["hvg"]
+    m = st.manifest.hvg
     assert m["flavor"] == flavor
     got = arrays["var/hvg_score"]
     ref = np.where(np.isnan(ref_scores), -np.inf, ref_scores)
@@ -108,7 +108,7 @@ def store_counts(src, store) -> np.ndarray:
 def test_seurat_v3_equals_dense_reference(tahoe_src, tahoe_store):
     ref = ref_seurat_v3(store_counts(tahoe_src, tahoe_store))
     order = check_store_hvg(tahoe_store, ref, "seurat_v3")
-    assert CellStore(tahoe_store).manifest["hvg"]["num_top_genes"] == 20
+    assert CellStore(tahoe_store).manifest.hvg["num_top_genes"] == 20
     # never-expressed genes score 0 and rank after every expressed gene
     for g in gene_positions(tahoe_store, tahoe_src.gene_ids[list(tahoe_src.zero_genes)]):
         assert ref[g] == 0 and list(order).index(g) >= len(order) - len(tahoe_src.zero_genes)
@@ -149,7 +149,7 @@ def test_planted_high_variance_genes_are_top(tahoe_src, tahoe_store, tmp_path, f
     top = set(CellStore(store).hvg_ranking()[:5].tolist())
     planted = set(gene_positions(store, tahoe_src.gene_ids[list(tahoe_src.planted)]).tolist())
     assert planted <= top, (flavor, sorted(top), planted)
-    top_ids = CellStore(store).manifest["hvg"]["genes"][:5]
+    top_ids = CellStore(store).manifest.hvg["genes"][:5]
     assert {str(tahoe_src.gene_ids[g]) for g in tahoe_src.planted} <= set(top_ids)
 
 

@@ -152,7 +152,7 @@ def test_gene_index_out_of_range_names_x_indices_and_row(tahoe_store, tmp_path, 
 
 def test_last_row_pointer_not_nnz_fails_at_open(tahoe_store, tmp_path):
     store = copy_store(tahoe_store, tmp_path)
-    n, nnz = CellStore(store).num_cells, CellStore(store).manifest["nnz"]
+    n, nnz = CellStore(store).num_cells, CellStore(store).manifest.nnz
     poke(store, "X/indptr", n, nnz - 1)
     with pytest.raises(DataError, match=rf"X/indptr\[{n}\] = {nnz - 1} but the manifest says nnz = {nnz}"):
         CellStore(store)

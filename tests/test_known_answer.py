@@ -1,6 +1,6 @@
 """Known answer on CPU: a small model trained briefly predicts a held-out (cell line, drug) pair.
 
-The synthetic generator plants drug effects with known ground truth (data_sharding/synthetic_biology.py).
+The synthetic generator plants drug effects with known ground truth (data_sharding/synthetic/biology.py).
 We hold out one (cell line, drug) combination whose drug also acts in the other lines, train the tiny
 MM-DiT on everything else for a fixed budget of steps, then sample populations for the held-out pair
 from its own control cells and covariates. Asserted (quality, not time):

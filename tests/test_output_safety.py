@@ -103,7 +103,7 @@ def test_shard_overwrite_replaces_only_its_own_store(h5ad_src, tmp_path, capsys)
     first = convert(h5ad_cfg(h5ad_src, out), log=quiet)
     assert convert(h5ad_cfg(h5ad_src, out), log=quiet) == first  # nothing to do without --overwrite
     rebuilt = convert(h5ad_cfg(h5ad_src, out, dataset="again"), log=quiet, overwrite=True)
-    assert rebuilt["dataset"] == "again" and json.loads((out / "manifest.json").read_text())["dataset"] == "again"
+    assert rebuilt.dataset == "again" and json.loads((out / "manifest.json").read_text())["dataset"] == "again"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store.zarr"]  # .work and .tmp are gone
 
 

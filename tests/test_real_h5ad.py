@@ -43,12 +43,12 @@ def test_store_shape_and_groups(real_store, adata):
     st = CellStore(real_store)
     m = st.manifest
     assert st.num_cells == 5961 and st.num_genes == 500
-    assert m["value_kind"] == schema.VALUES_LOGNORM
-    assert m["hvg"]["flavor"] == "dispersion"
+    assert m.value_kind == schema.VALUES_LOGNORM
+    assert m.hvg["flavor"] == "dispersion"
     cond = st.conditions
-    assert len(cond) == 64 == m["num_groups"]
+    assert len(cond) == 64 == m.num_groups
     ctrl = cond[cond["is_control"]]
-    assert len(ctrl) == 4 == m["num_control_groups"]
+    assert len(ctrl) == 4 == m.num_control_groups
     assert sorted(ctrl["context"]) == ["A172", "T98G", "U87MG", "k562"]
     assert (ctrl["perturbation"] == "control").all() and (ctrl["n"] == 100).all()
     assert set(cond["batch"]) == {"norman19", "mcfaline23"}

@@ -105,8 +105,8 @@ def test_rerun_on_complete_store_is_a_noop(tahoe_src, tmp_path):
     stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     log = LogCapture()
     again = convert(cfg, log=log)
-    assert again == json.loads((out / schema.MANIFEST_FILE).read_text())
-    assert again["arrays"] == first["arrays"]
+    assert again.to_dict() == json.loads((out / schema.MANIFEST_FILE).read_text())
+    assert again.arrays == first.arrays
     assert "nothing to do" in log.text()
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
     assert not out.with_name(out.name + ".work").exists()

@@ -15,6 +15,7 @@ from helpers import (
 )
 from perturbdiff.config import NormalizeConfig, PanelConfig
 from perturbdiff.data import schema
+from perturbdiff.data.schema import DataError
 from perturbdiff.data.store import CellStore, as_numpy
 
 CONTROL_LABEL = schema.format_drugconc("DMSO_TF", 0.0)
@@ -46,7 +47,7 @@ def test_tahoe_marker_stripped_and_nnz(tahoe_src, tahoe_store):
     indptr = np.asarray(st.indptr_arr[:])
     assert not np.any(data == schema.TAHOE_MARKER_VALUE)
     assert np.all(data > 0) and np.all(data == np.round(data))
-    assert len(data) == tahoe_src.nnz == st.manifest["nnz"] == int(indptr[-1])
+    assert len(data) == tahoe_src.nnz == st.manifest.nnz == int(indptr[-1])
     # per-cell gene count and total: the marker is not a gene and not a count
     src = tahoe_in_store_order(tahoe_src, tahoe_store)
     np.testing.assert_array_equal(st.obs(schema.N_GENES), (src > 0).sum(axis=1))
@@ -101,9 +102,9 @@ def test_tahoe_extra_obs(tahoe_src, tahoe_store):
     np.testing.assert_array_equal(st.obs("batch"), src["plate"].to_numpy())
     np.testing.assert_array_equal(st.obs("perturbation"), src["perturbation"].to_numpy())
     m = st.manifest
-    assert m["control_perturbations"] == [CONTROL_LABEL]
-    assert [s["cells"] for s in m["sources"]] == [pq.ParquetFile(f).metadata.num_rows for f in tahoe_src.files]
-    assert all(s["sha256"] and len(s["sha256"]) == 64 for s in m["sources"])
+    assert m.control_perturbations == [CONTROL_LABEL]
+    assert [s["cells"] for s in m.sources] == [pq.ParquetFile(f).metadata.num_rows for f in tahoe_src.files]
+    assert all(s["sha256"] and len(s["sha256"]) == 64 for s in m.sources)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +118,7 @@ def test_groups_contiguous_and_conditions_match_obs_codes(tahoe_src, tahoe_store
     fixed = len(schema.CONDITION_COLUMNS)
     assert list(cond.columns[:fixed]) == list(schema.CONDITION_COLUMNS)
     # then one column per numeric obs of the source (the Tahoe dose), never the per-cell stats
-    numeric = [c for c in st.manifest["numeric_obs"] if c not in (schema.TOTAL_COUNTS, schema.N_GENES)]
+    numeric = [c for c in st.manifest.numeric_obs if c not in (schema.TOTAL_COUNTS, schema.N_GENES)]
     assert list(cond.columns[fixed:]) == numeric == ["dose"]
     np.testing.assert_array_equal(cond["group_id"], np.arange(len(cond)))
     # the row ranges tile [0, N) in table order
@@ -139,11 +140,11 @@ def test_groups_contiguous_and_conditions_match_obs_codes(tahoe_src, tahoe_store
             assert (seg == getattr(row, c)).all(), (c, row)
     # every source group became exactly one condition row with the right size and control flag
     src = tahoe_src.obs.groupby(["cell_line_id", "plate", "perturbation"]).size()
-    assert len(src) == len(cond) == st.manifest["num_groups"]
+    assert len(src) == len(cond) == st.manifest.num_groups
     for row in cond.itertuples():
         assert src[(row.context, row.batch, row.perturbation)] == row.n
         assert row.is_control == (row.perturbation == CONTROL_LABEL)
-    assert int(cond["is_control"].sum()) == st.manifest["num_control_groups"] == len(tahoe_src.obs.groupby(
+    assert int(cond["is_control"].sum()) == st.manifest.num_control_groups == len(tahoe_src.obs.groupby(
         ["cell_line_id", "plate"]))
     # perturbation labels carry the dose from sample_metadata
     for p in cond["perturbation"]:
@@ -284,7 +285,7 @@ def _check_h5ad_store(src, out, batch_col="donor"):
     assert sorted(ids) == sorted(src.obs.index)
     expected = source_in_store_order(ids, src.obs.index, src.X)
     np.testing.assert_array_equal(X.toarray(), expected.astype(np.float32).astype(np.float64))
-    assert st.manifest["nnz"] == int(np.count_nonzero(src.X))
+    assert st.manifest.nnz == int(np.count_nonzero(src.X))
     obs = src.obs.loc[ids]
     np.testing.assert_array_equal(st.obs("context"), obs["cell_type"].astype(str).to_numpy())
     np.testing.assert_array_equal(st.obs("perturbation"), obs["perturbation"].astype(str).to_numpy())
@@ -305,17 +306,17 @@ def _check_h5ad_store(src, out, batch_col="donor"):
 def test_h5ad_counts_roundtrip(h5ad_counts_src, tmp_path):
     out = tmp_path / "h5.zarr"
     m = convert(h5ad_cfg(h5ad_counts_src.path, out, cells_per_part=70, block_cells=45), log=quiet)
-    assert m["value_kind"] == schema.VALUES_COUNTS
+    assert m.value_kind == schema.VALUES_COUNTS
     st = _check_h5ad_store(h5ad_counts_src, out)
-    assert st.manifest["hvg"]["flavor"] == "seurat_v3"
-    assert st.manifest["num_control_groups"] == 4  # 2 cell types x 2 donors
+    assert st.manifest.hvg["flavor"] == "seurat_v3"
+    assert st.manifest.num_control_groups == 4  # 2 cell types x 2 donors
 
 
 def test_h5ad_dense_x_and_no_batch_col(tmp_path):
     src = build_h5ad(tmp_path / "dense.h5ad", dense=True, n_cells=150, n_genes=20, seed=5)
     out = tmp_path / "dense.zarr"
     m = convert(h5ad_cfg(src.path, out, batch_col=None, cells_per_part=40), log=quiet)
-    assert m["value_kind"] == schema.VALUES_COUNTS
+    assert m.value_kind == schema.VALUES_COUNTS
     st = _check_h5ad_store(src, out, batch_col=None)
     assert set(st.conditions["batch"]) == {"all"}
 
@@ -323,8 +324,8 @@ def test_h5ad_dense_x_and_no_batch_col(tmp_path):
 def test_h5ad_lognorm_roundtrip(h5ad_lognorm_src, tmp_path):
     out = tmp_path / "ln.zarr"
     m = convert(h5ad_cfg(h5ad_lognorm_src.path, out, cells_per_part=90), log=quiet)
-    assert m["value_kind"] == schema.VALUES_LOGNORM
-    assert m["hvg"]["flavor"] == "dispersion"  # seurat_v3 needs counts
+    assert m.value_kind == schema.VALUES_LOGNORM
+    assert m.hvg["flavor"] == "dispersion"  # seurat_v3 needs counts
     st = _check_h5ad_store(h5ad_lognorm_src, out)
     # a log-normalised store is not renormalised on read: x / scale only
     rows = np.arange(0, st.num_cells, 3)
@@ -342,7 +343,7 @@ def test_h5ad_two_files_one_store(tmp_path):
     write_h5ad(b.path, b.X, b.obs, b.var_names)
     out = tmp_path / "ab.zarr"
     m = convert(h5ad_cfg([a.path, b.path], out, cells_per_part=50), log=quiet)
-    assert m["num_cells"] == 210 and [s["cells"] for s in m["sources"]] == [120, 90]
+    assert m.num_cells == 210 and [s["cells"] for s in m.sources] == [120, 90]
     X, ids = store_csr(out)
     allX = np.concatenate([a.X, b.X])
     allids = list(a.obs.index) + list(b.obs.index)
@@ -364,3 +365,35 @@ def test_manifest_checksums_of_numeric_arrays(tahoe_store):
         v = arrays[k]
         assert m[k]["shape"] == list(v.shape)
         assert m[k]["sha256"] == hashlib.sha256(v.astype(v.dtype.newbyteorder("<")).tobytes()).hexdigest(), k
+
+
+def test_manifest_class_round_trip_and_array_paths(tahoe_store, tmp_path):
+    """StoreManifest reads back exactly what the writer wrote (the source's keys in ``extra``), and
+    the store holds exactly the arrays the schema's path helpers name and the manifest lists."""
+    import json
+    import shutil
+
+    from helpers import zarr_arrays
+
+    raw = manifest(tahoe_store)
+    m = schema.StoreManifest.read(tahoe_store)
+    assert m.to_dict() == raw
+    assert m.extra["source_format"] == "tahoe-100m-parquet" and "timings" in m.extra
+    expected = set(schema.X_ARRAYS) | {schema.VAR_GENE_ID, schema.VAR_GENE_SYMBOL, schema.VAR_HVG_RANK,
+                                       schema.VAR_HVG_SCORE, schema.obs_values(schema.CELL_ID)}
+    expected |= {f(c) for c in m.categorical_obs for f in (schema.obs_codes, schema.obs_categories)}
+    expected |= {schema.obs_values(c) for c in m.numeric_obs}
+    assert set(zarr_arrays(tahoe_store)) == expected == set(m.arrays) - {schema.CONDITIONS_FILE}
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tahoe_store, store)
+    for edit, message in ((lambda d: d.pop("num_groups"), r"lacks \['num_groups'\]"),
+                          (lambda d: d.update(nnz=-1), "manifest nnz is -1, not a non-negative integer"),
+                          (lambda d: d.update(num_cells="12"), "manifest num_cells is '12'")):
+        broken = dict(raw)
+        edit(broken)
+        (store / schema.MANIFEST_FILE).write_text(json.dumps(broken))
+        with pytest.raises(DataError, match=message) as err:
+            CellStore(store)
+        assert err.value.path == str(store)
+

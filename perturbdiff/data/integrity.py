@@ -40,7 +40,8 @@ import pandas as pd
 
 from .chunks import ChunkReader, ZarrRanges
 from .schema import (
-    CONDITIONS_FILE, DTYPES, GROUP_COLUMNS, MANIFEST_FILE, DataError, file_sha256, hash_update, read_manifest,
+    CONDITIONS_FILE, GROUP_COLUMNS, MANIFEST_FILE, OBS_GROUP, VAR_GROUP, X_ARRAYS, X_DATA, X_INDICES, X_INDPTR,
+    DataError, StoreManifest, file_sha256, hash_update, obs_categories, obs_codes,
 )
 
 # Compressed indptr: the open-time check decodes at most this many chunks (first, last, spread).
@@ -56,23 +57,16 @@ _TEXT_TYPES = ("string", "variable_length_utf8")
 # ---------------------------------------------------------------------------------------------
 
 
-def _count(store: Path, manifest: dict[str, Any], key: str) -> int:
-    value = manifest.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise DataError(store, f"manifest {key} is {value!r}, not a non-negative integer")
-    return value
-
-
-def expected_length(name: str, manifest: dict[str, Any]) -> int | None:
+def expected_length(name: str, manifest: StoreManifest) -> int | None:
     """The length the store's counts give an array (None for category lists, free in length)."""
-    if name == "X/indptr":
-        return int(manifest["num_cells"]) + 1
-    if name in ("X/indices", "X/data"):
-        return int(manifest["nnz"])
-    if name.startswith("obs/") and not name.endswith("/categories"):
-        return int(manifest["num_cells"])
-    if name.startswith("var/"):
-        return int(manifest["num_genes"])
+    if name == X_INDPTR:
+        return manifest.num_cells + 1
+    if name in (X_INDICES, X_DATA):
+        return manifest.nnz
+    if name.startswith(f"{OBS_GROUP}/") and not name.endswith("/categories"):
+        return manifest.num_cells
+    if name.startswith(f"{VAR_GROUP}/"):
+        return manifest.num_genes
     return None
 
 
@@ -95,14 +89,12 @@ def _array_meta(store: Path, name: str) -> dict[str, Any]:
     return meta
 
 
-def check_arrays(store: str | Path, manifest: dict[str, Any]) -> None:
+def check_arrays(store: str | Path, manifest: StoreManifest) -> None:
     """Every array of the manifest (and the three X arrays) exists with the recorded shape and dtype,
-    and the shape agrees with num_cells / nnz / num_genes."""
+    and the shape agrees with num_cells / nnz / num_genes (checked integers by StoreManifest.read)."""
     store = Path(store)
-    for key in ("num_cells", "nnz", "num_genes"):
-        _count(store, manifest, key)
-    listed = {k: v for k, v in (manifest.get("arrays") or {}).items() if k != CONDITIONS_FILE}
-    for name in [f"X/{a}" for a in DTYPES if f"X/{a}" not in listed] + list(listed):
+    listed = {k: v for k, v in manifest.arrays.items() if k != CONDITIONS_FILE}
+    for name in [a for a in X_ARRAYS if a not in listed] + list(listed):
         meta = _array_meta(store, name)
         shape, data_type = [int(s) for s in meta["shape"]], str(meta.get("data_type"))
         if len(shape) != 1:
@@ -113,28 +105,28 @@ def check_arrays(store: str | Path, manifest: dict[str, Any]) -> None:
         want = expected_length(name, manifest)
         if want is not None and shape[0] != want:
             raise DataError(store, f"{name} has {shape[0]} elements, the manifest's counts give {want}")
-        recorded = DTYPES.get(name.removeprefix("X/")) if name.startswith("X/") else info.get("dtype")
+        recorded = X_ARRAYS[name] if name in X_ARRAYS else info.get("dtype")
         if recorded is not None:
             text = data_type in _TEXT_TYPES
             if text != _is_text(str(recorded)) or (not text and data_type != str(recorded)):
                 raise DataError(store, f"{name} has dtype {data_type}, expected {recorded}")
 
 
-def read_conditions(store: str | Path, manifest: dict[str, Any]) -> pd.DataFrame:
+def read_conditions(store: str | Path, manifest: StoreManifest) -> pd.DataFrame:
     """conditions.parquet, after checking its sha256 against the manifest and that its groups tile
     the cells: contiguous from row 0, the last stop == num_cells, n == stop - start."""
     store = Path(store)
     path = store / CONDITIONS_FILE
     if not path.is_file():
         raise DataError(store, f"{CONDITIONS_FILE} is missing")
-    want = ((manifest.get("arrays") or {}).get(CONDITIONS_FILE) or {}).get("sha256")
+    want = (manifest.arrays.get(CONDITIONS_FILE) or {}).get("sha256")
     if want and file_sha256(path) != want:
         raise DataError(store, f"{CONDITIONS_FILE} checksum mismatch: the file was modified or damaged")
     try:
         cond = pd.read_parquet(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises its own exception types
         raise DataError(store, f"{CONDITIONS_FILE} is not readable parquet ({err})") from None
-    check_tiling(store, cond, _count(store, manifest, "num_cells"), manifest.get("num_groups"))
+    check_tiling(store, cond, manifest.num_cells, manifest.num_groups)
     return cond
 
 
@@ -177,12 +169,12 @@ def _bounded(positions: np.ndarray, chunk: int, budget: int) -> np.ndarray:
     return positions[np.isin(keys, chosen)]
 
 
-def check_indptr(store: str | Path, manifest: dict[str, Any], cond: pd.DataFrame, indptr) -> None:
+def check_indptr(store: str | Path, manifest: StoreManifest, cond: pd.DataFrame, indptr) -> None:
     """indptr[0] == 0, indptr[N] == nnz, and indptr at the group starts non-decreasing in [0, nnz].
 
     ``indptr`` is the store's indptr reader (ChunkReader or ZarrRanges, with ``values_at``).
     """
-    n, nnz = int(manifest["num_cells"]), int(manifest["nnz"])
+    n, nnz = manifest.num_cells, manifest.nnz
     positions = np.unique(np.r_[np.int64(0), cond["start"].to_numpy().astype(np.int64), np.int64(n)])
     if not (isinstance(indptr, ChunkReader) and not indptr.compressed):
         positions = _bounded(positions, int(indptr.chunk), OPEN_DECODE_CHUNKS)
@@ -308,8 +300,8 @@ def verify(store: str | Path, sources: str | Path | None = None, log: Callable[[
     from .store import as_numpy  # store imports this module: import here, not at the top
 
     store = Path(store)
-    manifest = read_manifest(store)
-    if not manifest.get("arrays"):
+    manifest = StoreManifest.read(store)
+    if not manifest.arrays:
         raise DataError(store, "the manifest records no array checksums: nothing to verify against")
     check_arrays(store, manifest)
     cond = read_conditions(store, manifest)
@@ -318,7 +310,7 @@ def verify(store: str | Path, sources: str | Path | None = None, log: Callable[[
         root = zarr.open_group(str(store), mode="r")
     except Exception as err:  # noqa: BLE001
         raise DataError(store, f"cannot open the Zarr group: {err}") from None
-    n, nnz, g = int(manifest["num_cells"]), int(manifest["nnz"]), int(manifest["num_genes"])
+    n, nnz, g = manifest.num_cells, manifest.nnz, manifest.num_genes
 
     # ---- checksums, with the per-piece CSR checks ------------------------------------------
     state = {"prev_last": 0}
@@ -340,14 +332,14 @@ def verify(store: str | Path, sources: str | Path | None = None, log: Callable[[
             e = int(np.argmax(~((values >= 0) & np.isfinite(values))))
             raise DataError(store, f"X/data[{start + e}] = {values[e]}: values must be finite and non-negative")
 
-    checks = {"X/indptr": check_indptr_piece, "X/indices": check_indices_piece, "X/data": check_data_piece}
-    for name, info in manifest["arrays"].items():
+    checks = {X_INDPTR: check_indptr_piece, X_INDICES: check_indices_piece, X_DATA: check_data_piece}
+    for name, info in manifest.arrays.items():
         if name == CONDITIONS_FILE:
             continue
         if _hash_array(_reader(store, root, name), checks.get(name)) != info["sha256"]:
             raise DataError(store, f"{name} checksum mismatch: the store was modified or damaged")
         log(f"  ok {name} {info['shape']}")
-    indptr, indices = _reader(store, root, "X/indptr"), _reader(store, root, "X/indices")
+    indptr, indices = _reader(store, root, X_INDPTR), _reader(store, root, X_INDICES)
     last = int(indptr[n:n + 1][0])
     if last != nnz:
         raise DataError(store, f"X/indptr[{n}] = {last} but the manifest says nnz = {nnz}")
@@ -366,9 +358,9 @@ def verify(store: str | Path, sources: str | Path | None = None, log: Callable[[
     # ---- condition index -------------------------------------------------------------------
     starts = cond["start"].to_numpy()
     for col in GROUP_COLUMNS:
-        cats = as_numpy(_reader(store, root, f"obs/{col}/categories")[:]).astype(str)
+        cats = as_numpy(_reader(store, root, obs_categories(col))[:]).astype(str)
         group_codes = np.searchsorted(cats, cond[col].to_numpy().astype(str))
-        codes = _reader(store, root, f"obs/{col}/codes")
+        codes = _reader(store, root, obs_codes(col))
         for a in range(0, n, STEP):  # windowed: memory O(STEP), not O(cells)
             rows = np.arange(a, min(n, a + STEP))
             expected = group_codes[np.searchsorted(starts, rows, side="right") - 1]
@@ -380,7 +372,7 @@ def verify(store: str | Path, sources: str | Path | None = None, log: Callable[[
     checked_sources = 0
     if sources is not None:
         src_dir = Path(sources)
-        for src in manifest["sources"]:
+        for src in manifest.sources:
             matches = [p for p in src_dir.rglob(src["path"]) if p.is_file()]
             if not matches:
                 raise DataError(src_dir, f"source file {src['path']} not found")
@@ -389,7 +381,7 @@ def verify(store: str | Path, sources: str | Path | None = None, log: Callable[[
             checked_sources += 1
         log(f"  ok {checked_sources} source file checksum(s)")
     return {"store": str(store), "num_cells": n, "nnz": nnz, "num_genes": g, "num_groups": len(cond),
-            "arrays_checked": len(manifest["arrays"]), "sources_checked": checked_sources}
+            "arrays_checked": len(manifest.arrays), "sources_checked": checked_sources}
 
 
 _VERIFIED: set[tuple[str, int]] = set()

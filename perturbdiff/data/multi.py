@@ -144,7 +144,7 @@ class MultiSetLoader(ResumableLoader):
     def _dataset_names(self) -> list[str]:
         names, seen = [], {}
         for path, sub in zip(self.stores, self.loaders):
-            name = str(sub.store.manifest.get("dataset") or Path(path).name)
+            name = str(sub.store.manifest.dataset or Path(path).name)
             if name in seen:
                 raise ValueError(f"stores {seen[name]} and {path} have the same dataset name {name!r}; "
                                  "the datasets of data.stores must have distinct names (set the converter's "

@@ -42,6 +42,10 @@ class SetSpec:
     ctrl_rows: np.ndarray  # sorted store rows of the control cells (<= m)
 
 
+SAMPLINGS = ("proportional", "balanced")  # data.sampling
+EMPTY_POOL_POLICIES = ("error", "same_context", "none")  # data.empty_control_pool
+
+
 class SetSampler:
     def __init__(self, conditions: pd.DataFrame, split_labels: np.ndarray, cfg: DataConfig, split: str = TRAIN,
                  eval_mode: bool = False, log=print):
@@ -49,8 +53,8 @@ class SetSampler:
             raise DataError(None, f"data.set_size must be >= 1, got {cfg.set_size}")
         if cfg.run_cells < 1:
             raise DataError(None, f"data.run_cells must be >= 1, got {cfg.run_cells}")
-        if cfg.sampling not in ("proportional", "balanced"):
-            raise DataError(None, f"data.sampling must be proportional or balanced, not {cfg.sampling!r}")
+        if cfg.sampling not in SAMPLINGS:
+            raise DataError(None, f"data.sampling must be {' or '.join(SAMPLINGS)}, not {cfg.sampling!r}")
         self.cfg, self.m, self.eval_mode, self.split = cfg, cfg.set_size, eval_mode, split
         self.run = min(cfg.run_cells, cfg.set_size)  # a run never exceeds a set
         self.start = conditions["start"].to_numpy(np.int64)
@@ -87,7 +91,7 @@ class SetSampler:
                 elif policy in ("same_context", "none"):
                     self.fallbacks[(c, b)] = "none"
                 else:
-                    raise DataError(None, f"data.empty_control_pool must be error, same_context or none, "
+                    raise DataError(None, f"data.empty_control_pool must be {', '.join(EMPTY_POOL_POLICIES)}, "
                                     f"not {policy!r}")
             members = sorted(members)
             pools[g] = (self.start[members], self.n[members])

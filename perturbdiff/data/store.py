@@ -18,7 +18,13 @@ from perturbdiff.config import NormalizeConfig, PanelConfig
 
 from .chunks import fast_or_zarr
 from .integrity import check_arrays, check_indptr, check_indptr_slice, check_values, read_conditions
-from .schema import STORE_ATTR, VALUES_COUNTS, VALUES_LOGNORM, DataError, read_manifest
+from .schema import (
+    OBS_GROUP, STORE_ATTR, VALUES_COUNTS, VALUES_LOGNORM, VAR_GENE_ID, VAR_GENE_SYMBOL, VAR_HVG_RANK, X_DATA,
+    X_INDICES, X_INDPTR, DataError, StoreManifest, obs_categories, obs_codes, obs_values,
+)
+
+
+PANEL_KINDS = ("hvg", "all", "file")  # panel.kind
 
 
 class CellStore:
@@ -27,36 +33,36 @@ class CellStore:
     def __init__(self, path: str | Path, cache_mb: int = 64):
         cache_bytes = int(cache_mb) << 20
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = StoreManifest.read(self.path)
         check_arrays(self.path, self.manifest)  # before zarr-python parses any array's metadata
         try:
             self.root = zarr.open_group(str(self.path), mode="r")
         except Exception as err:  # noqa: BLE001
             raise DataError(self.path, f"cannot open the Zarr group: {err}") from None
-        if self.root.attrs.get(STORE_ATTR) != self.manifest["schema_version"]:
+        if self.root.attrs.get(STORE_ATTR) != self.manifest.schema_version:
             raise DataError(self.path, "Zarr attributes and manifest disagree on the schema version")
         self.conditions: pd.DataFrame = read_conditions(self.path, self.manifest)
-        self.indptr_arr = self.root["X/indptr"]
-        self.indices_arr = self.root["X/indices"]
-        self.data_arr = self.root["X/data"]
+        self.indptr_arr = self.root[X_INDPTR]
+        self.indices_arr = self.root[X_INDICES]
+        self.data_arr = self.root[X_DATA]
         # hot-path readers (see chunks.py); fall back to zarr-python for other layouts
-        self.indptr_fast = fast_or_zarr(self.indptr_arr, self.path / "X" / "indptr", cache_bytes // 4)
-        self.indices_fast = fast_or_zarr(self.indices_arr, self.path / "X" / "indices", cache_bytes)
-        self.data_fast = fast_or_zarr(self.data_arr, self.path / "X" / "data", cache_bytes)
-        self.value_kind = self.manifest["value_kind"]
+        self.indptr_fast = fast_or_zarr(self.indptr_arr, self.path / X_INDPTR, cache_bytes // 4)
+        self.indices_fast = fast_or_zarr(self.indices_arr, self.path / X_INDICES, cache_bytes)
+        self.data_fast = fast_or_zarr(self.data_arr, self.path / X_DATA, cache_bytes)
+        self.value_kind = self.manifest.value_kind
         self._cache: dict[str, np.ndarray] = {}
-        self._nnz, self._num_genes = int(self.manifest["nnz"]), int(self.manifest["num_genes"])
+        self._nnz, self._num_genes = self.manifest.nnz, self.manifest.num_genes
         check_indptr(self.path, self.manifest, self.conditions, self.indptr_fast)
 
     # ---- metadata -----------------------------------------------------------------------------
 
     @property
     def num_cells(self) -> int:
-        return int(self.manifest["num_cells"])
+        return self.manifest.num_cells
 
     @property
     def num_genes(self) -> int:
-        return int(self.manifest["num_genes"])
+        return self.manifest.num_genes
 
     def _small(self, key: str) -> np.ndarray:
         if key not in self._cache:
@@ -65,27 +71,27 @@ class CellStore:
 
     @property
     def gene_ids(self) -> np.ndarray:
-        return self._small("var/gene_id").astype(str)
+        return self._small(VAR_GENE_ID).astype(str)
 
     @property
     def gene_symbols(self) -> np.ndarray:
-        return self._small("var/gene_symbol").astype(str)
+        return self._small(VAR_GENE_SYMBOL).astype(str)
 
     def categories(self, col: str) -> np.ndarray:
-        return self._small(f"obs/{col}/categories").astype(str)
+        return self._small(obs_categories(col)).astype(str)
 
     def obs(self, col: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """An obs column over rows [start, stop): labels for categorical columns, values otherwise."""
         stop = self.num_cells if stop is None else stop
-        if f"{col}/codes" in self.root["obs"]:
-            return self.categories(col)[np.asarray(self.root[f"obs/{col}/codes"][start:stop])]
-        if col in self.root["obs"]:
-            return as_numpy(self.root[f"obs/{col}"][start:stop])
+        if f"{col}/codes" in self.root[OBS_GROUP]:
+            return self.categories(col)[np.asarray(self.root[obs_codes(col)][start:stop])]
+        if col in self.root[OBS_GROUP]:
+            return as_numpy(self.root[obs_values(col)][start:stop])
         raise DataError(self.path, f"store has no obs column {col!r}")
 
     def hvg_ranking(self) -> np.ndarray:
         """Gene indices, most variable first."""
-        return np.argsort(self._small("var/hvg_rank"), kind="stable")
+        return np.argsort(self._small(VAR_HVG_RANK), kind="stable")
 
     def panel(self, cfg: PanelConfig) -> np.ndarray:
         """Vocabulary indices of the configured gene panel, in vocabulary order."""
@@ -107,7 +113,7 @@ class CellStore:
                 raise DataError(cfg.genes_file, f"{len(missing)} panel gene(s) not in the store vocabulary "
                                 f"(gene vocabulary mismatch), e.g. {missing[:5]}")
             return np.array([lookup[g] for g in wanted], dtype=np.int64)
-        raise DataError(None, f"unknown panel.kind {cfg.kind!r}: use hvg, all or file")
+        raise DataError(None, f"unknown panel.kind {cfg.kind!r}: use {', '.join(PANEL_KINDS)}")
 
     # ---- rows -----------------------------------------------------------------------------------
 

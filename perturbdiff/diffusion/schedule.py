@@ -20,6 +20,7 @@ import math
 import torch
 
 SCHEDULES = ("linear", "cosine")
+RESPACINGS = ("uniform", "released")  # diffusion.respacing (respaced_timesteps)
 
 
 class NoiseSchedule:
@@ -82,4 +83,4 @@ def respaced_timesteps(steps: int, sample_steps: int, kind: str = "uniform") -> 
         return sorted(set(ts), reverse=True)
     if kind == "released":
         return list(range(sample_steps - 1, -1, -1))
-    raise ValueError(f"unknown respacing {kind!r}: use uniform or released")
+    raise ValueError(f"unknown respacing {kind!r}: use {' or '.join(RESPACINGS)}")

@@ -40,6 +40,9 @@ class ControlPool:
         return np.flatnonzero(in_ctx)
 
 
+MISSING_GENES = ("error", "zero")  # predict.missing_genes
+
+
 def gene_map(source_genes: np.ndarray, genes: list[str], missing: str, where: str) -> tuple[np.ndarray, list[str]]:
     """source gene index -> checkpoint column (-1: unused); raises or reports missing genes."""
     col = {g: i for i, g in enumerate(genes)}
@@ -53,7 +56,7 @@ def gene_map(source_genes: np.ndarray, genes: list[str], missing: str, where: st
                             f"vocabulary mismatch), e.g. {lacking[:5]}; pass --missing-genes zero to fill them "
                             "with zeros")
         if missing != "zero":
-            raise ValueError(f"missing_genes must be error or zero, got {missing!r}")
+            raise ValueError(f"missing_genes must be {' or '.join(MISSING_GENES)}, got {missing!r}")
         notes.append(f"{len(lacking)} missing genes filled with zeros, e.g. {lacking[:5]}")
     return panel_map, notes
 

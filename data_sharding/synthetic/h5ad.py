@@ -1,13 +1,10 @@
 """``write_h5ad``: the cells of a Tahoe-format parquet dataset as an AnnData h5ad file, streamed.
 
 ``data_sharding.synthetic.generate`` calls it when ``SynthConfig.write_h5ad`` is set, so that the same cells exist
-in both input formats; it reads any dataset with the layout below (``data/train-*.parquet`` plus the
-``metadata/`` tables). It is written through the project's streaming writer
+in both input formats; it reads any dataset in the Tahoe release's layout (``data/*.parquet`` plus the
+``metadata/`` tables, ``perturbdiff/data/schema.py``). It is written through the project's streaming writer
 (``perturbdiff.data.h5ad_writer``), one parquet batch at a time: X is never whole in memory (obs, a
 few values per cell, is written at the end).
-
-This module also defines the dataset's directory layout (``DATA_DIR``, ``METADATA_DIR``,
-``CELL_LINE_METADATA_FILE``), which ``data_sharding.synthetic`` writes and re-exports.
 """
 
 from __future__ import annotations
@@ -25,11 +22,6 @@ from perturbdiff.data import schema
 from perturbdiff.data.h5ad_writer import StreamingH5ad
 from perturbdiff.data.schema import DataError
 
-# The layout of a dataset written by data_sharding.synthetic.generate.
-DATA_DIR = "data"
-METADATA_DIR = "metadata"
-CELL_LINE_METADATA_FILE = "cell_line_metadata.parquet"
-CELL_LINE_METADATA_COLUMNS = ("cell_line_id", "cell_name")
 OBS_COLUMNS = ("drug", "drugname_drugconc", "cell_line", "plate", "sample", "dose")
 
 
@@ -54,14 +46,14 @@ def write_h5ad(source_dir, out_path, chunk_cells: int = 50_000) -> Path:
     """
     src = Path(source_dir)
     out_path = Path(out_path)
-    files = sorted((src / DATA_DIR).glob("train-*.parquet"))
+    files = sorted((src / schema.TAHOE_DATA_DIR).glob(schema.TAHOE_DATA_GLOB))
     if not files:
-        raise DataError(src, f"no {DATA_DIR}/train-*.parquet files")
-    meta = src / METADATA_DIR
+        raise DataError(src, f"no {schema.TAHOE_DATA_DIR}/{schema.TAHOE_DATA_GLOB} files")
+    meta = src / schema.TAHOE_METADATA_DIR
     genes = pq.read_table(meta / schema.GENE_METADATA_FILE).to_pandas()
     samples = pq.read_table(meta / schema.SAMPLE_METADATA_FILE).to_pandas()
     drugs = pq.read_table(meta / schema.DRUG_METADATA_FILE).to_pandas()
-    lines = pq.read_table(meta / CELL_LINE_METADATA_FILE).to_pandas()
+    lines = pq.read_table(meta / schema.CELL_LINE_METADATA_FILE).to_pandas()
     G = len(genes)
     tok = genes["token_id"].to_numpy(np.int64)
     if tok.min() < 0 or len(np.unique(tok)) != G:

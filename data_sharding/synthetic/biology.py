@@ -1,6 +1,6 @@
 """The biological model of the synthetic Tahoe-format dataset: its hidden parameters and per-cell counts.
 
-``data_sharding/synthetic.py`` writes the dataset; this module holds the model it samples from:
+``dataset.py`` beside it writes the dataset; this module holds the model it samples from:
 
 - ``BIOLOGY``, the hidden constants (recorded in ``ground_truth/truth.json``);
 - ``build_params``, every global parameter (genes, gene programs, cell lines, drugs, sensitivities, the plate and

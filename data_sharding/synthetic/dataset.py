@@ -13,7 +13,9 @@
 This module is the public API (``generate``, ``load_ground_truth``, and ``write_h5ad`` re-exported), the config
 checks, the parquet, metadata and ground-truth writing, and the orchestration (files, workers, resuming). The
 biological model (hidden constants, parameter drawing, per-cell count sampling) is in
-``data_sharding/synthetic_biology.py``; the streaming h5ad writer is in ``data_sharding/synthetic_h5ad.py``.
+``biology.py`` beside this file; the h5ad twin's writer is in ``h5ad.py``. The directory layout is the Tahoe release's,
+defined once in ``perturbdiff/data/schema.py`` (``TAHOE_DATA_DIR``, ``TAHOE_METADATA_DIR``, the table names), which
+the Tahoe reader (``data_sharding/tahoe.py``) reads.
 
 Determinism: the global parameters come from ``cfg.seed``; each file's cells come from a generator seeded with
 ``(cfg.seed, file index)``, so the output is identical whatever ``num_workers`` is. Files are written under a
@@ -42,12 +44,10 @@ from perturbdiff.config import SynthConfig
 from perturbdiff.data import schema
 from perturbdiff.data.schema import DataError
 
-from .pool import run_parallel
-from .synthetic_biology import (BIOLOGY, baseline_logits, build_params, condition_effect, drug_columns, file_cells,
-                                hill_at, log_softmax, sample_chunk, sampling_arrays, well_columns)
-# write_h5ad and the layout constants are re-exported: ``from data_sharding.synthetic import write_h5ad`` works.
-from .synthetic_h5ad import CELL_LINE_METADATA_COLUMNS, CELL_LINE_METADATA_FILE, DATA_DIR, METADATA_DIR  # noqa: F401
-from .synthetic_h5ad import write_h5ad
+from ..pool import run_parallel
+from .biology import (BIOLOGY, baseline_logits, build_params, condition_effect, drug_columns, file_cells, hill_at,
+                      log_softmax, sample_chunk, sampling_arrays, well_columns)
+from .h5ad import write_h5ad
 
 GENERATOR_VERSION = 1
 
@@ -138,10 +138,6 @@ def _sampling_state(cfg: SynthConfig) -> dict:
 
 def _num_files(cfg: SynthConfig) -> int:
     return max(1, -(-int(cfg.num_cells) // int(cfg.cells_per_file)))
-
-
-def _file_name(i: int, n: int) -> str:
-    return f"train-{i:05d}-of-{n:05d}.parquet"
 
 
 def _chunk_rows(cfg: SynthConfig) -> int:
@@ -263,13 +259,13 @@ def _write_metadata(cfg: SynthConfig, p: dict, meta: Path) -> None:
     _write_parquet_atomic(pa.table({
         "cell_line_id": pa.array(p["line_ids"], pa.string()),
         "cell_name": pa.array(p["line_names"], pa.string()),
-    }), meta / CELL_LINE_METADATA_FILE)
+    }), meta / schema.CELL_LINE_METADATA_FILE)
 
 
 _TRUTH_README = """\
 # Ground truth of a synthetic Tahoe-format dataset
 
-Written by `data_sharding/synthetic.py` (generator version {version}); read it back with
+Written by `data_sharding/synthetic/` (generator version {version}); read it back with
 `data_sharding.synthetic.load_ground_truth(<dataset dir>)`.
 
 Indexing conventions:
@@ -425,7 +421,7 @@ def _write_ground_truth(cfg: SynthConfig, p: dict, gt: Path, file_names: list[st
         "wells_per_plate": p["wells_per_plate"], "num_conditions": K,
         "condition_index": "k = (cell_line * num_drugs + drug) * num_doses + dose_index",
         "gene_order": "metadata/gene_metadata.parquet row order",
-        "files": [f"{DATA_DIR}/{n}" for n in file_names],
+        "files": [f"{schema.TAHOE_DATA_DIR}/{n}" for n in file_names],
     }
     _write_text_atomic(json.dumps(truth, indent=1) + "\n", gt / "truth.json")
     _write_text_atomic(_TRUTH_README.format(version=GENERATOR_VERSION, G=G, C=C, D=D, Z=Z, P=P, K=K),
@@ -452,7 +448,7 @@ def generate(cfg: SynthConfig) -> dict:
         raise ValueError("SynthConfig.out_dir is not set")
     _check_config(cfg)
     out = Path(cfg.out_dir)
-    data, meta, gt = out / DATA_DIR, out / METADATA_DIR, out / TRUTH_DIR
+    data, meta, gt = out / schema.TAHOE_DATA_DIR, out / schema.TAHOE_METADATA_DIR, out / TRUTH_DIR
     truth_path = gt / "truth.json"
     if truth_path.is_file():
         try:
@@ -465,7 +461,7 @@ def generate(cfg: SynthConfig) -> dict:
                              "use a fresh out_dir")
     data.mkdir(parents=True, exist_ok=True)
     n_files = _num_files(cfg)
-    names = [_file_name(i, n_files) for i in range(n_files)]
+    names = [schema.tahoe_data_file(i, n_files) for i in range(n_files)]
     p = build_params(cfg)
     _write_ground_truth(cfg, p, gt, names)  # records the config first: a rerun checks it
     _write_metadata(cfg, p, meta)
@@ -536,7 +532,7 @@ def load_ground_truth(source_dir) -> dict:
         out[f.stem] = np.load(f)
     for f in sorted(gt.glob("*.parquet")):
         out[f.stem] = pq.read_table(f).to_pandas()
-    gm = gt.parent / METADATA_DIR / schema.GENE_METADATA_FILE
+    gm = gt.parent / schema.TAHOE_METADATA_DIR / schema.GENE_METADATA_FILE
     if gm.is_file():
         out["gene_metadata"] = pq.read_table(gm).to_pandas()
     return out
@@ -547,7 +543,7 @@ def load_ground_truth(source_dir) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     import sys
 
     args = sys.argv[1:] if argv is None else argv
@@ -573,7 +569,3 @@ def _main(argv: list[str] | None = None) -> None:
     summary = generate(cfg)
     summary["paths"]["data"] = f"{len(summary['paths']['data'])} files"
     print(json.dumps(summary, indent=1))
-
-
-if __name__ == "__main__":
-    _main()

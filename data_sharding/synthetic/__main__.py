@@ -1,0 +1,3 @@
+from .dataset import main
+
+main()
