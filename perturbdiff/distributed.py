@@ -5,13 +5,24 @@ torchrun and the deepspeed launcher both export ``RANK``, ``WORLD_SIZE``, ``LOCA
 (nccl on CUDA, gloo on CPU). Without those variables it is a single process and no group is made,
 so the same entry point runs under a launcher and as a plain ``python`` command. Every helper here
 (``barrier``, ``is_main``, ...) also works when no group exists.
+
+SLURM: a task started by ``srun`` (one process per task, no torchrun) has no ``RANK``; without a
+mapping every task would run as an independent rank 0 writing the same directory. ``slurm_variables``
+maps ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` (or ``SLURM_NTASKS``) / ``SLURM_LOCALID`` and the
+first host of the step's node list to ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR``
+(``MASTER_PORT``: kept when set, else derived from ``SLURM_JOB_ID`` so every task agrees), and
+``init_distributed`` exports them before forming the group. A launcher's own variables win
+(torchrun or deepspeed inside an ``srun`` step set ``RANK``); a multi-task job's batch script
+itself (no ``srun`` step) is refused with a message saying how to start it.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import socket
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import NamedTuple
 
@@ -20,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 BACKENDS = ("auto", "gloo", "nccl")
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 20000  # MASTER_PORT = base + SLURM_JOB_ID % span
+_SLURM_BATCH_STEPS = ("batch", "4294967294")  # the step id of a job's batch script (not an srun step)
 
 
 class DistInfo(NamedTuple):
@@ -47,6 +60,64 @@ def _device_for(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``,
+    ``rack[1-2]-n[07,9]`` -> ``rack1-n07`` (what ``scontrol show hostnames`` prints first)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            end = i
+            break
+    host = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], nodelist[:end].strip())
+    if not host or "[" in host or "]" in host:
+        raise ValueError(f"cannot read the first host of the SLURM node list {nodelist!r}; set MASTER_ADDR")
+    return host
+
+
+def slurm_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables of a task that ``srun`` started; {} when there is nothing to
+    map (not under SLURM, a launcher already set RANK, or a one-task step).
+
+    Raises:
+        ValueError: the batch script of a multi-task job (no ``srun`` step: its tasks would never
+            join), or a SLURM variable missing or not an integer.
+    """
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return {}
+
+    def number(*names: str) -> int:
+        for name in names:
+            if env.get(name, "") != "":
+                try:
+                    return int(env[name])
+                except ValueError:
+                    raise ValueError(f"environment variable {name} must be an integer, got '{env[name]}'") from None
+        raise ValueError(f"SLURM_PROCID is set but {' / '.join(names)} is not; cannot map this SLURM task to a rank")
+
+    world = number("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+    if world <= 1:
+        return {}
+    step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
+    if step is None or step in _SLURM_BATCH_STEPS:
+        raise ValueError(f"this is the batch script of a {world}-task SLURM job (SLURM_NTASKS={world}) but not an "
+                         "srun task: start one process per task with `srun python launch/pretrain.py ...`, or run "
+                         "torchrun / deepspeed under `srun --ntasks-per-node=1`")
+    rank, local = number("SLURM_PROCID"), number("SLURM_LOCALID")
+    if not 0 <= rank < world:
+        raise ValueError(f"SLURM_PROCID={rank} is not in [0, {world}) (the step's task count)")
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ValueError("SLURM_PROCID is set but no SLURM node list (SLURM_STEP_NODELIST / SLURM_JOB_NODELIST) "
+                             "nor MASTER_ADDR: cannot tell the tasks where rank 0 is")
+        addr = first_host(nodelist)
+    port = env.get("MASTER_PORT") or str(SLURM_PORT_BASE + number("SLURM_JOB_ID") % SLURM_PORT_SPAN)
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local), "MASTER_ADDR": addr,
+            "MASTER_PORT": port}
+
+
 def init_distributed(backend: str = "auto", timeout_s: float | None = None) -> DistInfo:
     """Join the process group the launcher describes; returns (rank, world, local_rank, device).
 
@@ -55,8 +126,9 @@ def init_distributed(backend: str = "auto", timeout_s: float | None = None) -> D
         timeout_s: collective timeout (a dead peer makes the others fail after this long instead of
             hanging); None keeps torch's default.
 
-    Without ``RANK`` / ``WORLD_SIZE`` in the environment this is a single process: (0, 1, 0, device)
-    and no process group. An already initialised group is reused as is.
+    Without ``RANK`` / ``WORLD_SIZE`` in the environment (nor an srun task to map them from,
+    ``slurm_variables``) this is a single process: (0, 1, 0, device) and no process group. An
+    already initialised group is reused as is.
 
     Raises:
         ValueError: an unknown backend, or inconsistent launcher variables.
@@ -68,6 +140,7 @@ def init_distributed(backend: str = "auto", timeout_s: float | None = None) -> D
         local_rank = _env_int("LOCAL_RANK")
         local_rank = rank if local_rank is None else local_rank
         return DistInfo(rank, world, local_rank, _device_for(local_rank))
+    os.environ.update(slurm_variables(os.environ))  # an srun task: its rank, world and rendezvous
     rank, world, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     if rank is None or world is None:
         return DistInfo(0, 1, 0, _device_for(0))

@@ -110,6 +110,24 @@ def test_two_nodes_over_loopback_equal_one_node_with_two_processes(stores, unint
     assert losses(tmp_path) == uninterrupted
 
 
+def test_srun_tasks_without_a_launcher_equal_torchrun(stores, uninterrupted, tmp_path):
+    """Two processes started as srun starts tasks (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / the
+    node list, no RANK): they form one 2-rank job whose losses equal torchrun's bitwise, instead of two
+    independent rank-0 runs writing one directory."""
+    args = [*COMMON, f"data.store={stores[0]}", f"out_dir={tmp_path}", "train.max_steps=8", "train.ckpt_every=3"]
+    port = pdist.free_port()
+    tasks = []
+    for rank in (0, 1):
+        slurm = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": str(rank), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                 "SLURM_LOCALID": str(rank), "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "localhost",
+                 "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port)}
+        tasks.append(subprocess.Popen([sys.executable, "launch/finetune.py", *args], cwd=REPO, env=env(**slurm),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [ok(finish(t)) for t in tasks]
+    assert "on 2 x cpu" in outs[0]
+    assert losses(tmp_path) == uninterrupted
+
+
 def test_zero3_pretraining_on_two_stores_exports_a_foundation_that_fine_tunes(stores, tmp_path):
     pytest.importorskip("deepspeed", reason="deepspeed is not importable")
     pre, fin = tmp_path / "pretrain", tmp_path / "finetune"
