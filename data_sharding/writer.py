@@ -87,8 +87,10 @@ class Appender:
         return self.sha.hexdigest()
 
 
-def _array(group: zarr.Group, name: str, n: int, dtype, chunk: int, shard: int | None = None,
+def _array(root: zarr.Group, path: str, n: int, dtype, chunk: int, shard: int | None = None,
            compressor: str = "lz4"):
+    """The 1-D array at ``path`` (a schema path, e.g. X_INDPTR) under ``root``; its group must exist."""
+    parent, _, name = path.rpartition("/")
     chunk = max(1, min(chunk, max(n, 1)))
     kwargs = dict(shape=(n,), dtype=dtype, chunks=(chunk,), fill_value=None)
     if dtype is str:
@@ -97,15 +99,15 @@ def _array(group: zarr.Group, name: str, n: int, dtype, chunk: int, shard: int |
         kwargs["compressors"] = COMPRESSORS[compressor]
     if shard is not None and n > chunk:
         kwargs["shards"] = (max(chunk, (shard // chunk) * chunk),)
-    return group.create_array(name, **kwargs)
+    return (root[parent] if parent else root).create_array(name, **kwargs)
 
 
-def _write_small(group: zarr.Group, name: str, values: np.ndarray, checksums: dict, key: str) -> None:
+def _write_small(root: zarr.Group, path: str, values: np.ndarray, checksums: dict) -> None:
     dtype = str if values.dtype.kind in "OUS" else values.dtype
-    arr = _array(group, name, len(values), dtype, 1 << 16)
+    arr = _array(root, path, len(values), dtype, 1 << 16)
     app = Appender(arr, max(len(values), 1))
     app.append(values.astype(str) if dtype is str else values)
-    checksums[key] = {"shape": [len(values)], "dtype": str(arr.dtype), "sha256": app.close()}
+    checksums[path] = {"shape": [len(values)], "dtype": str(arr.dtype), "sha256": app.close()}
 
 
 @dataclass
@@ -197,23 +199,26 @@ def _create_store(tmp: Path, cfg: ShardConfig, n_cells: int, nnz: int, obs: _Obs
     remove_output(tmp, "store")  # a merge interrupted earlier (only ever our own)
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     root.attrs[STORE_ATTR] = SCHEMA_VERSION
-    xg, og = root.create_group(X_GROUP), root.create_group(OBS_GROUP)
-    root.create_group(VAR_GROUP)
+    for group in (X_GROUP, OBS_GROUP, VAR_GROUP):
+        root.create_group(group)
     cc = cfg.chunk_cells
+
+    def cells(path: str, dtype) -> Appender:  # one value per cell
+        return Appender(_array(root, path, n_cells, dtype, cc), cc)
+
     app = {
-        X_INDPTR: Appender(_array(xg, "indptr", n_cells + 1, X_ARRAYS[X_INDPTR], cc, compressor=cfg.compressor), cc),
-        X_INDICES: Appender(_array(xg, "indices", nnz, X_ARRAYS[X_INDICES], cfg.chunk_nnz, cfg.shard_nnz,
-                                   cfg.compressor), cfg.shard_nnz),
-        X_DATA: Appender(_array(xg, "data", nnz, X_ARRAYS[X_DATA], cfg.chunk_nnz, cfg.shard_nnz, cfg.compressor),
-                         cfg.shard_nnz),
-        obs_values(CELL_ID): Appender(_array(og, CELL_ID, n_cells, str, cc), cc),
-        obs_values(TOTAL_COUNTS): Appender(_array(og, TOTAL_COUNTS, n_cells, "float64", cc), cc),
-        obs_values(N_GENES): Appender(_array(og, N_GENES, n_cells, "int32", cc), cc),
+        X_INDPTR: Appender(_array(root, X_INDPTR, n_cells + 1, X_ARRAYS[X_INDPTR], cc, compressor=cfg.compressor), cc),
+        **{path: Appender(_array(root, path, nnz, X_ARRAYS[path], cfg.chunk_nnz, cfg.shard_nnz, cfg.compressor),
+                          cfg.shard_nnz) for path in (X_INDICES, X_DATA)},
+        obs_values(CELL_ID): cells(obs_values(CELL_ID), str),
+        obs_values(TOTAL_COUNTS): cells(obs_values(TOTAL_COUNTS), "float64"),
+        obs_values(N_GENES): cells(obs_values(N_GENES), "int32"),
     }
     for c in GROUP_COLUMNS + tuple(obs.categorical):
-        app[obs_codes(c)] = Appender(_array(og.create_group(c), "codes", n_cells, "int32", cc), cc)
+        root[OBS_GROUP].create_group(c)
+        app[obs_codes(c)] = cells(obs_codes(c), "int32")
     for c in obs.numeric:
-        app[obs_values(c)] = Appender(_array(og, c, n_cells, "float64", cc), cc)
+        app[obs_values(c)] = cells(obs_values(c), "float64")
     app[X_INDPTR].append(np.zeros(1, dtype=np.int64))
     return root, app
 
@@ -400,9 +405,8 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
         log(f"  merged block {bi + 1}/{len(bounds) - 1} ({bounds[bi + 1]:,}/{n_cells:,} cells)")
     checksums = {name: {"shape": list(a.array.shape), "dtype": str(a.array.dtype), "sha256": a.close()}
                  for name, a in app.items()}
-    og, vg = root[OBS_GROUP], root[VAR_GROUP]
     for c in GROUP_COLUMNS + tuple(obs.categorical):
-        _write_small(og[c], "categories", np.array(obs.categories[c], dtype=str), checksums, obs_categories(c))
+        _write_small(root, obs_categories(c), np.array(obs.categories[c], dtype=str), checksums)
 
     # ---- var, HVG, conditions ---------------------------------------------------------------
     scores, ranking = hvg.select(flavor, stats, clipped, cfg.hvg.num_bins)
@@ -412,7 +416,7 @@ def merge_parts(part_dirs: list[Path], out: Path, *, gene_ids: np.ndarray, gene_
                         (VAR_GENE_SYMBOL, np.asarray(gene_symbols).astype(str)),
                         (VAR_HVG_RANK, rank),
                         (VAR_HVG_SCORE, np.nan_to_num(scores, nan=-np.inf).astype(np.float64))):
-        _write_small(vg, key.removeprefix(f"{VAR_GROUP}/"), values, checksums, key)
+        _write_small(root, key, values, checksums)
 
     control_perts = set(extra.get("control_perturbations", []))
     conditions = _conditions(seg, numeric, control_perts)

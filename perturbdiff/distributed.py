@@ -42,8 +42,8 @@ class DistInfo(NamedTuple):
     device: torch.device
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
+def _env_int(name: str, env: Mapping[str, str] = os.environ) -> int | None:
+    value = env.get(name)
     if value is None or value == "":
         return None
     try:
@@ -86,13 +86,11 @@ def slurm_variables(env: Mapping[str, str]) -> dict[str, str]:
     if "RANK" in env or "SLURM_PROCID" not in env:
         return {}
 
-    def number(*names: str) -> int:
+    def number(*names: str) -> int:  # the first of ``names`` that is set
         for name in names:
-            if env.get(name, "") != "":
-                try:
-                    return int(env[name])
-                except ValueError:
-                    raise ValueError(f"environment variable {name} must be an integer, got '{env[name]}'") from None
+            value = _env_int(name, env)
+            if value is not None:
+                return value
         raise ValueError(f"SLURM_PROCID is set but {' / '.join(names)} is not; cannot map this SLURM task to a rank")
 
     world = number("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")

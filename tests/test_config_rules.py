@@ -216,26 +216,16 @@ def test_choices_match_the_code_that_reads_them():
         assert isinstance(rule, Choice)
         return set(rule.values)
 
-    assert choices("model.size") == set(PRESETS)
-    assert choices("shard.compressor") == set(COMPRESSORS)
-    assert choices("diffusion.schedule") == set(SCHEDULES)
-    assert choices("diffusion.kernel") == set(KERNELS)
-    assert choices("diffusion.kme_impl") == set(IMPLS)
-    assert choices("model.perturbation_encoding") == set(ENCODINGS)
-    assert choices("model.output_activation") == set(OUTPUT_ACTIVATIONS)
-    assert choices("train.engine.backend") == set(BACKEND_NAMES)
-    assert choices("train.engine.precision") == set(PRECISIONS)
-    assert choices("evaluate.profile") == set(PROFILES)
-    assert choices("predict.decode") == set(DECODES)
+    code = {"model.size": PRESETS, "shard.compressor": COMPRESSORS, "diffusion.schedule": SCHEDULES,
+            "diffusion.kernel": KERNELS, "diffusion.kme_impl": IMPLS, "model.perturbation_encoding": ENCODINGS,
+            "model.output_activation": OUTPUT_ACTIVATIONS, "train.engine.backend": BACKEND_NAMES,
+            "train.engine.precision": PRECISIONS, "evaluate.profile": PROFILES, "predict.decode": DECODES,
+            "shard.source": SOURCES, "shard.values": ("auto", *VALUE_KINDS), "shard.hvg.flavor": FLAVORS,
+            "data.sampling": SAMPLINGS, "data.empty_control_pool": EMPTY_POOL_POLICIES,
+            "data.panel.kind": PANEL_KINDS, "diffusion.respacing": RESPACINGS, "predict.missing_genes": MISSING_GENES}
+    for key, values in code.items():
+        assert choices(key) == set(values), key
     assert EVAL_METHODS == METHODS and set(RULES["evaluate.methods"].item.values) == set(METHODS)
-    assert choices("shard.source") == set(SOURCES)
-    assert choices("shard.values") == {"auto", *VALUE_KINDS}
-    assert choices("shard.hvg.flavor") == set(FLAVORS)
-    assert choices("data.sampling") == set(SAMPLINGS)
-    assert choices("data.empty_control_pool") == set(EMPTY_POOL_POLICIES)
-    assert choices("data.panel.kind") == set(PANEL_KINDS)
-    assert choices("diffusion.respacing") == set(RESPACINGS)
-    assert choices("predict.missing_genes") == set(MISSING_GENES)
     for kind in choices("diffusion.respacing"):
         assert respaced_timesteps(10, 3, kind)
 
